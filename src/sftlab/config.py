@@ -1,0 +1,242 @@
+"""The run configuration: grouped, typed dataclasses validated before anything heavy loads.
+
+Every field is documented once here; `sftlab config --show` and `sftlab train --help` print
+these docs. A config file is YAML; `key.path=value` arguments override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .configtools import ConfigError, apply_overrides, check, describe, doc, from_dict, to_dict
+from .registry import RegistryError
+
+
+@dataclass
+class RunSection:
+    name: str = doc("run name: the run directory is output_dir/name", default="run")
+    output_dir: str = doc("folder that holds run directories", default="runs")
+    seed: int = doc("seed for weights init of adapters, data order and dropout", default=0)
+
+    def __post_init__(self):
+        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "run.name",
+              f"{self.name!r} must be a plain folder name (no '/')")
+
+
+@dataclass
+class ModelSection:
+    path: str = doc("'smollm2' (the embedded SmolLM2-135M-Instruct), a local HF folder, a .gguf file, or a hub id",
+                    default="smollm2")
+    gguf_file: str = doc("GGUF file name inside `path` when `path` is a folder holding one", default="")
+    revision: str = doc("hub revision (branch, tag or commit) for hub ids", default="")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("dtype the weights are loaded in", default="float32")
+    trust_remote_code: bool = doc("allow model code from the model folder/hub (off: only transformers' code)",
+                                  default=False)
+    attn_implementation: Literal["sdpa", "eager"] = doc("attention kernel", default="sdpa")
+
+
+@dataclass
+class DataSource:
+    path: str = doc("JSONL/JSON/CSV/Parquet file, or a `datasets` name (hub or local script)", default="")
+    format: Literal["auto", "prompt_completion", "chat", "alpaca", "text"] = doc(
+        "record format; auto detects it from the fields", default="auto")
+    weight: float = doc("mixing weight: the source contributes weight x its size examples per epoch", default=1.0)
+    columns: dict[str, str] = doc("rename fields before detection, e.g. {question: prompt, answer: completion}",
+                                  default_factory=dict)
+    split: str = doc("split name for `datasets` sources", default="train")
+    name: str = doc("`datasets` configuration name", default="")
+
+    def __post_init__(self):
+        check(bool(self.path), "data.train[].path", "each data source needs a path")
+        check(self.weight > 0, "data.train[].weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataSection:
+    train: list[DataSource] = doc("training data sources (mixed by weight)", default_factory=list)
+    eval: list[DataSource] = doc("held-out evaluation sources (optional)", default_factory=list)
+    eval_fraction: float = doc("share of train held out for eval when `eval` is empty", default=0.0)
+    template: Literal["auto", "chat", "raw"] = doc(
+        "chat: render with the tokenizer's chat template; raw: prompt + completion + EOS; auto: chat when the "
+        "tokenizer has a template", default="auto")
+    train_on_prompt: bool = doc("also train on prompt/user/system tokens", default=False)
+    assistant_turns: Literal["all", "last"] = doc("multi-turn chats: train every assistant turn or only the last",
+                                                  default="all")
+    max_length: int = doc("maximum tokens per example (and per packed row)", default=512)
+    overlong: Literal["drop", "error"] = doc(
+        "an example whose answer does not fit after left-truncating its prompt: drop it or stop", default="drop")
+    packing: bool = doc("pack several examples per row with per-example attention (no cross-example attention)",
+                        default=False)
+    limit: int = doc("use at most this many training examples (0: all)", default=0)
+
+    def __post_init__(self):
+        check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+        check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        check(self.limit >= 0, "data.limit", "must be >= 0")
+
+
+@dataclass
+class TrainSection:
+    steps: int = doc("optimizer steps (0: derive from epochs)", default=0)
+    epochs: float = doc("passes over the training data, used when steps is 0", default=1.0)
+    batch_size: int = doc("examples (or packed rows) per micro-batch per process", default=4)
+    grad_accum: int = doc("micro-batches per optimizer step", default=1)
+    lr: float = doc("peak learning rate", default=2e-4)
+    schedule: Literal["constant", "linear", "cosine"] = doc("learning-rate schedule after warmup", default="linear")
+    warmup: float = doc("warmup: a fraction of steps if < 1, else a step count", default=0.0)
+    weight_decay: float = doc("AdamW weight decay", default=0.0)
+    betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = doc("clip the gradient norm to this (0: no clipping)", default=1.0)
+    precision: Literal["fp32", "bf16"] = doc("fp32, or bf16 autocast for the forward pass", default="fp32")
+    gradient_checkpointing: bool = doc("recompute activations in backward to save memory", default=False)
+    eval_every: int = doc("held-out loss every k steps (0: only at the end)", default=0)
+    log_every: int = doc("write metrics.jsonl every k steps", default=1)
+    threads: int = doc("CPU threads for torch (0: torch's default)", default=0)
+
+    def __post_init__(self):
+        check(self.steps >= 0, "train.steps", "must be >= 0")
+        check(self.steps > 0 or self.epochs > 0, "train.epochs", "set train.steps or train.epochs > 0")
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(self.warmup >= 0, "train.warmup", "must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+              "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        check(self.log_every >= 1, "train.log_every", "must be >= 1")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = doc("write a trajectory checkpoint every k steps (0: only the final one)", default=0)
+    resume_every: int = doc("refresh the rolling resume checkpoint every k steps (0: at each checkpoint)",
+                            default=0)
+    final: bool = doc("always checkpoint the last step", default=True)
+
+    def __post_init__(self):
+        check(self.every >= 0, "checkpoint.every", "must be >= 0")
+        check(self.resume_every >= 0, "checkpoint.resume_every", "must be >= 0")
+
+
+@dataclass
+class LoggingSection:
+    progress: bool = doc("show a progress bar (loss, tokens/s, ETA)", default=True)
+    tensorboard: bool = doc("write TensorBoard logs to RUN/tensorboard", default=True)
+    report_to: list[str] = doc("also log to these when installed: mlflow, wandb", default_factory=list)
+
+    def __post_init__(self):
+        for r in self.report_to:
+            check(r in ("mlflow", "wandb"), "logging.report_to", f"{r!r} unknown; use mlflow and/or wandb")
+
+
+@dataclass
+class MethodSection:
+    """`method: {name: lora, r: 16, ...}`: the name picks a registered method, the rest are its options."""
+
+    name: str = "lora"
+    options: Any = None  # the method's own options dataclass, built in RunConfig.from_dict
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = doc("where the run goes", default_factory=RunSection)
+    model: ModelSection = doc("the base model", default_factory=ModelSection)
+    method: MethodSection = doc("the fine-tuning method and its options", default_factory=MethodSection)
+    data: DataSection = doc("training and eval data", default_factory=DataSection)
+    train: TrainSection = doc("optimisation", default_factory=TrainSection)
+    checkpoint: CheckpointSection = doc("trajectory and resume checkpoints", default_factory=CheckpointSection)
+    logging: LoggingSection = doc("logging", default_factory=LoggingSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        d = to_dict(self)
+        d["method"] = {"name": self.method.name, **to_dict(self.method.options)}
+        return d
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_method(data: Any):
+    from .methods import METHODS
+
+    if data is None:
+        data = {}
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"method: expected a section like {{name: lora, r: 8}}, got {data!r}")
+    data = dict(data)
+    name = data.pop("name", "lora")
+    try:
+        spec = METHODS.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"method.name: {e}") from None
+    return MethodSection(name=name, options=from_dict(spec.options, data, "method"))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config: the file must hold a mapping of sections (run, model, method, data, train, ...)")
+    data = dict(data)
+    method = parse_method(data.pop("method", None))
+    cfg = from_dict(RunConfig, data)
+    cfg.method = method
+    validate_combinations(cfg)
+    return cfg
+
+
+def validate_combinations(cfg: RunConfig) -> None:
+    """Checks across sections (single fields validate themselves)."""
+    from .methods import METHODS
+
+    spec = METHODS.get(cfg.method.name)
+    if cfg.data.packing and not spec.packing:
+        raise ConfigError(f"data.packing: method {spec.name!r} prepends virtual tokens to every row, so examples "
+                          "cannot be packed with per-example attention; set data.packing=false (rows are padded)")
+    if cfg.data.eval and cfg.data.eval_fraction:
+        raise ConfigError("data.eval_fraction: set either data.eval sources or data.eval_fraction, not both")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (run, model, method, data, train, ...)")
+    apply_overrides(data, list(overrides))
+    return config_from_dict(data)
+
+
+def describe_config() -> str:
+    from .methods import METHODS
+
+    lines = ["sftlab run configuration (YAML; override any key with key.path=value)", ""]
+    lines += describe(RunConfig)
+    lines = [ln for ln in lines if not ln.strip().startswith(("method.name", "method.options"))]
+    lines += ["", "method.name picks a method; its options sit beside it in the method section:"]
+    for name in METHODS.names():
+        spec = METHODS.get(name)
+        lines.append(f"  {name}: {spec.description}")
+        lines += ["  " + ln for ln in describe(spec.options, "method.", 1)]
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""Typed dataclass configs from plain dicts: strict keys, type checks, key=value overrides, docs.
+
+This module imports nothing heavy, so a bad config fails in milliseconds, before torch loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key that has it and what to do about it."""
+
+
+def doc(help: str, **kw) -> Any:
+    """A dataclass field with a help text (shown by `sftlab config --show` and --help)."""
+    if "default_factory" not in kw and "default" not in kw:
+        raise TypeError("doc() needs a default or default_factory")
+    return dataclasses.field(metadata={"help": help}, **kw)
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        k, v = get_args(tp)
+        return f"mapping {_type_name(k)} -> {_type_name(v)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against annotation `tp`; return it converted (int -> float, dict -> dataclass)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}{hint}")
+        return value
+    if origin in (list, tuple):
+        (item_tp,) = get_args(tp)[:1]
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            if dataclasses.is_dataclass(item_tp) and isinstance(value, dict):
+                value = [value]  # one section where a list is expected: accept it
+            elif item_tp is str and isinstance(value, str):
+                value = [value]
+            else:
+                raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping of keys), got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:  # YAML reads 1e-4 as a string (no dot): accept scientific notation
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from `data`, refusing unknown keys with a suggestion."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{full}: unknown key{hint} (allowed: {', '.join(fields)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg) from None
+    return obj
+
+
+def to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: write it as key.path=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if p.isdigit() and isinstance(node, list):
+                node = node[int(p)]
+                continue
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def describe(cls, prefix: str = "", indent: int = 0) -> list[str]:
+    """One line per field: key, type, default and help (nested sections indented)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        pad = "  " * indent
+        help_ = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{pad}{key}:  {help_}")
+            lines.extend(describe(tp, f"{key}.", indent + 1))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        lines.append(f"{pad}{key} ({_type_name(tp)}, default {to_dict(default)!r}): {help_}")
+        inner = get_args(tp)[0] if get_origin(tp) in (list, tuple) else None
+        if inner is not None and dataclasses.is_dataclass(inner):
+            lines.extend(describe(inner, f"{key}[].", indent + 1))
+    return lines
+
+
+def check(cond: bool, key: str, message: str) -> None:
+    """Raise a ConfigError for `key` when `cond` is false (used in __post_init__)."""
+    if not cond:
+        raise ConfigError(f"{key}: {message}")

@@ -1,0 +1,47 @@
+"""What a fine-tuning method is, and the registry that holds them.
+
+A method is one module that defines an options dataclass (torch-free, so configs validate
+fast) and an `apply(model, options)` that returns the model ready to train. Registering it
+is one `register_method(...)` call; the contract tests iterate over the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    options: type  # dataclass of this method's knobs (the `method:` section of a config)
+    apply: Callable[[Any, Any], Any]  # (model, options) -> model with only its trainable params requiring grad
+    description: str
+    peft: bool = True  # saved as a PEFT adapter (False: full HF weights)
+    packing: bool = True  # False for methods that prepend virtual tokens to every row
+    # How an update merges into W (used by rewinding along the path): "additive" (W0 + dW),
+    # "rotation" (OFT/BOFT: scale the skew generator), or None (prefix/prompt: nothing to merge).
+    merge: str | None = "additive"
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def register_method(method: Method) -> Method:
+    return METHODS.register(method.name, method)
+
+
+def peft_wrap(model, peft_config):
+    """Wrap `model` with a PEFT config; the one place PEFT's get_peft_model is called."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def targets(value: list[str]) -> Any:
+    """Config list -> PEFT target_modules: ['all-linear'] means every linear layer but the output head."""
+    if value == ["all-linear"]:
+        return "all-linear"
+    return list(value)

@@ -1,0 +1,32 @@
+"""BOFT (Liu et al. 2024): orthogonal fine-tuning with butterfly-factorised rotations."""
+
+from dataclasses import dataclass
+
+from ..configtools import check, doc
+from .base import Method, peft_wrap, register_method, targets
+
+
+@dataclass
+class BOFTOptions:
+    block_size: int = doc("size of each butterfly block (must divide the layers' input size)", default=8)
+    n_butterfly_factor: int = doc("number of butterfly factors (1 = plain block-diagonal OFT)", default=1)
+    target_modules: list[str] = doc("modules to rotate; ['all-linear'] = every linear layer but the head",
+                                    default_factory=lambda: ["all-linear"])
+    dropout: float = doc("multiplicative dropout on the butterfly blocks", default=0.0)
+    layers: list[int] | None = doc("only these layer indices (null: all layers)", default=None)
+
+    def __post_init__(self):
+        check(self.block_size >= 2, "method.block_size", f"must be >= 2, got {self.block_size}")
+        check(self.n_butterfly_factor >= 1, "method.n_butterfly_factor", "must be >= 1")
+
+
+def apply(model, o: BOFTOptions):
+    from peft import BOFTConfig
+
+    cfg = BOFTConfig(boft_block_size=o.block_size, boft_n_butterfly_factor=o.n_butterfly_factor,
+                     target_modules=targets(o.target_modules), boft_dropout=o.dropout,
+                     layers_to_transform=o.layers, task_type="CAUSAL_LM")
+    return peft_wrap(model, cfg)
+
+
+register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge="rotation"))
