@@ -16,6 +16,7 @@ import random
 
 import torch
 
+from ..errors import DataError
 from .tokenize import IGNORE, Example
 
 
@@ -115,8 +116,9 @@ class BatchPlan:
                 chunk = rows[b * per_step:(b + 1) * per_step]
                 batches.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
             if not batches:
-                raise ValueError(f"only {len(rows)} rows for batch size {self.batch_size} x {self.world} processes; "
-                                 "lower train.batch_size or add data")
+                what = "packed rows" if self.packing else "examples"
+                raise DataError(f"data.train: only {len(rows)} {what} for train.batch_size={self.batch_size} x "
+                                f"{self.world} processes, not one full batch; lower train.batch_size or add data")
             self._cache = {epoch: batches}
         return self._cache[epoch]
 

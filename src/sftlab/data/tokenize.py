@@ -25,7 +25,8 @@ class Example:
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        """Tokens the loss applies to. labels[0] never becomes a target (nothing precedes it to predict it)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 @dataclass
@@ -63,6 +64,9 @@ def render_chat(tokenizer, messages: list[dict], assistant_turns: str, train_on_
         turns = turns[-1:]
     spans = []
     for i in turns:
+        if i == 0:  # nothing before it to render with a generation prompt, so no prompt/answer boundary
+            raise DataError(f"{source}: the conversation starts with an assistant message, which answers nothing; "
+                            "start it with a user or system message, or set data.assistant_turns=last")
         before = render(messages[:i], True)
         upto = render(messages[: i + 1], False)
         if not (upto.startswith(before) and text.startswith(upto)):
@@ -76,11 +80,18 @@ def render_chat(tokenizer, messages: list[dict], assistant_turns: str, train_on_
 
 
 def label_offsets(tokenizer, text: str, spans: list[tuple[int, int]]):
+    """Token ids of `text`; a token is a label when it holds at least one character of a span.
+
+    "Holds any character" (not "starts inside"): a token merged across the boundary (the header's
+    newline + an answer that starts with a newline) carries the answer's first characters, so it
+    must be trained, as `{% generation %}` masks in transformers/TRL do.
+    """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE] * len(ids)
-    for j, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(s <= start < e for s, e in spans):
+    for j, (start, end) in enumerate(enc["offset_mapping"]):
+        end = max(end, start + 1)  # zero-width offsets: treat as the character at `start`
+        if any(start < e and end > s for s, e in spans):
             labels[j] = ids[j]
     return ids, labels
 
@@ -92,13 +103,23 @@ def tokenize_raw(tokenizer, rec: Record, train_on_prompt: bool):
     else:
         prompt, completion = rec.prompt, rec.completion
     ids = tokenizer(prompt + completion)["input_ids"]  # special tokens per the tokenizer (BOS when it adds one)
-    n_prompt = len(tokenizer(prompt)["input_ids"]) if prompt else _n_leading_specials(tokenizer, ids)
+    # The answer starts where the prompt's own tokens and the joint tokens diverge, not at len(prompt tokens):
+    # a prompt ending in a space ("Answer: " + "Paris") tokenizes jointly as [..., ":", " Paris"], and counting
+    # the prompt's tokens would mask " Paris", so the answer's first token would never be trained.
+    n_prompt = _common_prefix(tokenizer(prompt)["input_ids"], ids) if prompt else _n_leading_specials(tokenizer, ids)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     first = 0 if train_on_prompt else n_prompt
     labels = [IGNORE] * first + ids[first:]
     return ids, labels
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _n_leading_specials(tokenizer, ids: list[int]) -> int:
@@ -141,7 +162,8 @@ def fit_length(ex: Example, max_length: int) -> Example | None:
     while j >= 0 and ex.labels[j] != IGNORE:
         j -= 1
     last_start = j + 1
-    if excess > last_start:
+    # At least one prompt token must stay: the answer's first token is predicted from the token before it.
+    if excess >= last_start:
         return None
     return Example(ex.input_ids[excess:], ex.labels[excess:], ex.source)
 

@@ -1,0 +1,83 @@
+"""`sftlab data inspect CONFIG`: what the model will actually be trained on, before spending compute.
+
+Shows a few tokenized training examples rendered back to text with the trained tokens marked, then the
+counts that reveal silent data problems: the share of tokens trained (a template that masks too much or
+too little), left-truncated and dropped examples, and how full packed rows are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .collate import plan_packed_rows
+from .tokenize import IGNORE, Example, TokenizeStats
+
+OPEN, CLOSE = "[[", "]]"
+COLOUR_ON, COLOUR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green
+
+
+def inspect(cfg, n: int = 3, colour: bool | None = None) -> str:
+    """Rendered examples with trained spans marked, then counts. cfg: a RunConfig.
+
+    colour: mark trained tokens with ANSI colour instead of [[ ]]; None: colour when stdout is a
+    terminal and NO_COLOR is not set.
+    """
+    from ..models import load_tokenizer, resolve_model
+    from .prepare import prepare_data
+
+    if colour is None:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
+    tokenizer = load_tokenizer(ref, cfg.model.trust_remote_code, cfg.model.revision)
+    data = prepare_data(cfg, tokenizer)
+    marks = (COLOUR_ON, COLOUR_OFF) if colour else (OPEN, CLOSE)
+
+    shown = data.train[:max(n, 0)]
+    out = [f"{len(shown)} of {len(data.train)} training examples; trained tokens "
+           + ("in colour" if colour else f"between {OPEN} and {CLOSE}") + ":"]
+    for k, ex in enumerate(shown, 1):
+        out.append(f"\n--- example {k}: {ex.source} ({len(ex.input_ids)} tokens, {ex.n_trained} trained)")
+        out.append(render_marked(tokenizer, ex, *marks))
+    out.append("")
+    out.append(counts("train", data.train_stats))
+    if data.eval or data.eval_stats.dropped:
+        out.append(counts("eval", data.eval_stats))
+    if cfg.data.packing:
+        out.append(packing_line(data.train, cfg.data.max_length))
+    return "\n".join(out)
+
+
+def render_marked(tokenizer, ex: Example, open_: str = OPEN, close: str = CLOSE) -> str:
+    """The example's text with each run of trained tokens wrapped in open_ ... close.
+
+    A token counts as trained when it is a target, i.e. labels[t] for t >= 1 (labels[0] is never predicted).
+    """
+    trained = [t > 0 and lab != IGNORE for t, lab in enumerate(ex.labels)]
+    parts, t = [], 0
+    while t < len(ex.input_ids):
+        u = t
+        while u < len(ex.input_ids) and trained[u] == trained[t]:
+            u += 1
+        text = tokenizer.decode(ex.input_ids[t:u], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        parts.append(f"{open_}{text}{close}" if trained[t] else text)
+        t = u
+    return "".join(parts)
+
+
+def counts(name: str, s: TokenizeStats) -> str:
+    share = s.trained_tokens / s.tokens if s.tokens else 0.0
+    line = (f"{name}: {s.examples} examples, {s.tokens} tokens, {s.trained_tokens} trained tokens "
+            f"({share:.1%} trained), {s.truncated} left-truncated, {len(s.dropped)} dropped as over-long")
+    if s.dropped:
+        more = f" and {len(s.dropped) - 3} more" if len(s.dropped) > 3 else ""
+        line += f" (dropped: {', '.join(s.dropped[:3])}{more})"
+    return line
+
+
+def packing_line(examples: list[Example], max_length: int) -> str:
+    lengths = [len(e.input_ids) for e in examples]
+    rows = plan_packed_rows(lengths, max_length, list(range(len(examples))))
+    eff = sum(lengths) / (len(rows) * max_length) if rows else 0.0
+    return (f"packing: {len(examples)} examples in {len(rows)} rows of up to {max_length} tokens, "
+            f"{eff:.1%} of row capacity holds tokens")

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny deterministic Llama models built in code, the real SmolLM2 tokenizer (shipped
+under tests/assets, so no download), and small memorisable datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_DIR = ASSETS / "smollm2-tokenizer"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_model(folder: Path, seed: int = 0, tie: bool = True, layers: int = 2, hidden: int = 64,
+                     dropout: float = 0.0) -> Path:
+    """A 2-layer Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      attention_dropout=dropout, max_position_embeddings=1024)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def memorisable_chats(n: int = 24) -> list[dict]:
+    """Short question -> fixed answer pairs: a tiny model can memorise them in a few dozen steps."""
+    colours = ["red", "blue", "green", "black", "white", "pink"]
+    return [{"messages": [{"role": "user", "content": f"colour of item {i}?"},
+                          {"role": "assistant", "content": colours[i % len(colours)]}]} for i in range(n)]
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, data_path: Path, method: dict | None = None, **sections):
+    """A RunConfig for a tiny run; `sections` override whole-section keys, e.g. train={'steps': 5}."""
+    from sftlab.config import config_from_dict
+
+    d = {
+        "run": {"name": "run", "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "model": {"path": str(model_dir)},
+        "method": method or {"name": "lora", "r": 4},
+        "data": {"train": [{"path": str(data_path)}], "max_length": 64},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-3},
+        "checkpoint": {"every": 0},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    for key, val in sections.items():
+        d[key] = {**d.get(key, {}), **val}
+    return config_from_dict(d)
