@@ -20,7 +20,8 @@ def cmd_train(args) -> int:
     from .train.loop import train
 
     run_dir = train(cfg, resume=args.resume)
-    print(f"sftlab: run written to {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"sftlab: run written to {run_dir}")
     return 0
 
 
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sftlab config --show | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,22 @@ def _coerce(value: Any, tp, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")
 
 
+# Names other tools use for our fields: a miss on one of these suggests ours.
+ALIASES = {"learning_rate": "lr", "lr_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "max_seq_length": "max_length", "max_seq_len": "max_length",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "num_train_epochs": "epochs", "max_steps": "steps", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+           "lr_scheduler_type": "schedule", "output": "output_dir", "model_name_or_path": "path"}
+
+
+def suggest(key: str, allowed) -> str | None:
+    allowed = list(allowed)
+    if ALIASES.get(key) in allowed:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from `data`, refusing unknown keys with a suggestion."""
     if data is None:
@@ -125,8 +141,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = suggest(str(key), fields)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise ConfigError(f"{full}: unknown key{hint} (allowed: {', '.join(fields)})")
         kwargs[key] = _coerce(value, hints[key], full)
     try:

@@ -20,12 +20,13 @@ from .config import DataSource, RunConfig, config_from_dict
 class DemoPlan:
     steps: int
     batch_size: int
-    n_generate: int  # held-out examples scored by greedy generation
+    n_generate: int  # held-out articles scored by greedy generation (the task loss uses all of eval.jsonl)
+    n_retention: int  # chit-chat examples for the retention loss
     checkpoint_every: int
 
 
-FULL = DemoPlan(steps=60, batch_size=8, n_generate=96, checkpoint_every=15)
-QUICK = DemoPlan(steps=16, batch_size=8, n_generate=48, checkpoint_every=8)
+FULL = DemoPlan(steps=60, batch_size=8, n_generate=96, n_retention=96, checkpoint_every=15)
+QUICK = DemoPlan(steps=16, batch_size=8, n_generate=48, n_retention=48, checkpoint_every=8)
 MAX_NEW_TOKENS = 6  # a label is 1-2 tokens plus end-of-turn; more only lets the base model ramble
 
 
@@ -50,7 +51,7 @@ def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-def held_out_loss(model, tokenizer, cfg: RunConfig, path: Path, desc: str) -> float:
+def held_out_loss(model, tokenizer, cfg: RunConfig, path: Path, desc: str, limit: int = 0) -> float:
     """Token-mean loss on the answers (completion-only labels, exactly as training computes it)."""
     from tqdm.auto import tqdm
 
@@ -60,6 +61,7 @@ def held_out_loss(model, tokenizer, cfg: RunConfig, path: Path, desc: str) -> fl
     from .objectives import eval_loss
 
     records = load_records([DataSource(path=str(path))], cfg.run.seed)
+    records = records[:limit] if limit else records
     examples, _ = tokenize_all(records, tokenizer, cfg.data)
     examples.sort(key=lambda e: len(e.input_ids))
     bs = 16
@@ -96,14 +98,29 @@ def generate_answers(model, tokenizer, rows: list[dict], desc: str, batch_size: 
     return out
 
 
-def score(model, tokenizer, cfg: RunConfig, data: DemoData, rows: list[dict], who: str) -> dict:
+def score(model, tokenizer, cfg: RunConfig, data: DemoData, plan: DemoPlan, rows: list[dict], who: str,
+          task_loss: float | None = None) -> dict:
+    """Greedy exact match on `rows`, task loss on all of eval.jsonl (unless given), retention loss."""
     answers = generate_answers(model, tokenizer, rows, f"{who}: generating")
     gold = [r["messages"][-1]["content"] for r in rows]
     correct = [normalise(a) == g for a, g in zip(answers, gold)]
-    return {"task_loss": held_out_loss(model, tokenizer, cfg, data.eval, f"{who}: task loss"),
-            "retention_loss": held_out_loss(model, tokenizer, cfg, data.retention, f"{who}: retention loss"),
+    if task_loss is None:
+        task_loss = held_out_loss(model, tokenizer, cfg, data.eval, f"{who}: task loss")
+    return {"task_loss": task_loss,
+            "retention_loss": held_out_loss(model, tokenizer, cfg, data.retention, f"{who}: retention loss",
+                                            plan.n_retention),
             "accuracy": sum(correct) / len(rows), "in_label_set": sum(normalise(a) in data.labels for a in answers)
             / len(rows), "answers": answers}
+
+
+def final_eval_loss(run_dir: Path) -> float | None:
+    """The eval loss the training loop logged at its last step (same examples, same loss function)."""
+    last = None
+    for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("eval"):
+            last = row["eval_loss"]
+    return last
 
 
 # ------------------------------------------------------------------------------------------- the demo
@@ -127,14 +144,14 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> Path:
     print(f"\n[1/3] base model: scoring {len(rows)} held-out articles", flush=True)
     ref = resolve_model(cfg.model.path)
     tok = load_tokenizer(ref)
-    before = score(load_model(ref), tok, cfg, data, rows, "base")
+    before = score(load_model(ref), tok, cfg, data, plan, rows, "base")
 
     print(f"\n[2/3] LoRA fine-tuning: {plan.steps} steps x {plan.batch_size} examples", flush=True)
     run_dir = train(cfg)
 
     print(f"\n[3/3] fine-tuned model: scoring the same {len(rows)} articles", flush=True)
-    model, tok = Run(run_dir).load()
-    after = score(model, tok, cfg, data, rows, "tuned")
+    model, tok = Run(run_dir).load(merge=True)  # merged: same function, faster forward passes
+    after = score(model, tok, cfg, data, plan, rows, "tuned", task_loss=final_eval_loss(run_dir))
 
     summary = {"plan": plan.__dict__, "labels": data.labels, "n_generate": len(rows),
                "majority_baseline": _majority(rows), "before": before, "after": after,

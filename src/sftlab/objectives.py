@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .data.tokenize import IGNORE
 from .registry import Registry
@@ -51,13 +52,22 @@ def forward_hidden(model, batch: dict):
     return hidden, head
 
 
+def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor):
+    """Summed cross-entropy and correct-argmax count of one chunk of trained positions."""
+    logits = head(h).float()  # (n, V)
+    return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(-1) == y).sum()
+
+
 def sft_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, normaliser: float | None = None,
-             chunk: int = 4096):
+             chunk: int = 1024):
     """Sum of token cross-entropies over trained positions, divided by `normaliser` (default: their count).
 
     hidden: (B, L, H); targets: (B, L) already shifted, IGNORE where untrained. Passing the number of
     trained tokens of the whole optimizer step (all micro-batches, all processes) as `normaliser`
     makes gradient accumulation exactly equal to one large batch.
+
+    Each chunk's logits are recomputed in backward instead of kept (activation checkpointing), so the
+    output layer costs one (chunk x vocab) block of memory, not (trained tokens x vocab) in two dtypes.
     """
     sel = targets != IGNORE
     h = hidden[sel]  # (N, H)
@@ -65,10 +75,15 @@ def sft_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, norma
     n = y.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
     correct = 0
-    for s in range(0, n, chunk):  # chunks bound the (N x vocab) logits' memory
-        logits = head(h[s:s + chunk]).float()
-        total = total + F.cross_entropy(logits, y[s:s + chunk], reduction="sum")
-        correct += int((logits.argmax(-1) == y[s:s + chunk]).sum())
+    grad = torch.is_grad_enabled() and h.requires_grad
+    for s in range(0, n, chunk):
+        args = (head, h[s:s + chunk], y[s:s + chunk])
+        if grad:
+            ce, ok = checkpoint(_chunk_ce, *args, use_reentrant=False)
+        else:
+            ce, ok = _chunk_ce(*args)
+        total = total + ce
+        correct += int(ok)
     denom = float(normaliser if normaliser is not None else max(n, 1))
     loss = total / denom
     return loss, {"loss_sum": float(total.detach()), "trained_tokens": n, "correct": correct}

@@ -52,7 +52,12 @@ class Run:
                 raise SftlabError(f"{loc}: base model changed since the run (content hash differs); "
                                   "the checkpoints no longer apply to it")
             return ref
-        return resolve_model(self.cfg.model.path, self.cfg.model.gguf_file)
+        ref = resolve_model(self.cfg.model.path, self.cfg.model.gguf_file)
+        want = base.get("sha256", "")
+        if want and ref.sha256 and ref.sha256 != want:
+            raise SftlabError(f"{ref.location}: not the base model this run trained (content hash differs from "
+                              "provenance.json); the checkpoints do not apply to it")
+        return ref
 
     def load(self, step: int | None = None, merge: bool = False):
         """(model, tokenizer) at a checkpoint: base + adapter (merged on request), or full weights."""
@@ -81,29 +86,41 @@ def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()):
         raise SftlabError(f"{dest}: exists and is not empty; choose another output folder")
+    if merge and run.method.peft and run.method.merge is None:
+        raise SftlabError(f"method {run.method.name!r} adds virtual tokens, it has no weights to merge; "
+                          "export it without --merge (as an adapter)")
+    base = run.base_ref()
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if run.method.peft and not merge:
-        shutil.copytree(run.dir / entry["path"], tmp)
-        cfg_path = tmp / "adapter_config.json"
-        acfg = json.loads(cfg_path.read_text())
-        acfg["base_model_name_or_path"] = run.base_ref().location
-        cfg_path.write_text(json.dumps(acfg, indent=2))
-    else:
-        model, tok = run.load(entry["step"], merge=True)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    tok = load_tokenizer(run.base_ref(), run.cfg.model.trust_remote_code)
-    tok.save_pretrained(str(tmp))  # tokenizer and chat template travel with the export
-    if (Path(run.base_ref().location) / "generation_config.json").is_file():
-        shutil.copy(Path(run.base_ref().location) / "generation_config.json", tmp / "generation_config.json")
-    (tmp / "sftlab_export.json").write_text(json.dumps(
-        {"run": str(run.dir), "step": entry["step"], "sha256": entry["sha256"], "merged": merge or not run.method.peft,
-         "base_model": run.provenance.get("base_model")}, indent=2))
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_export(run, entry, base, tmp, merge)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        raise
     if dest.exists():
         dest.rmdir()
     tmp.rename(dest)
     return dest
+
+
+def _write_export(run: Run, entry: dict, base: ModelRef, tmp: Path, merge: bool) -> None:
+    if run.method.peft and not merge:
+        shutil.copytree(run.dir / entry["path"], tmp)
+        cfg_path = tmp / "adapter_config.json"
+        acfg = json.loads(cfg_path.read_text())
+        acfg["base_model_name_or_path"] = base.location
+        cfg_path.write_text(json.dumps(acfg, indent=2))
+    else:
+        model, _ = run.load(entry["step"], merge=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    tok = load_tokenizer(base, run.cfg.model.trust_remote_code)
+    tok.save_pretrained(str(tmp))  # tokenizer and chat template travel with the export
+    if (Path(base.location) / "generation_config.json").is_file():
+        shutil.copy(Path(base.location) / "generation_config.json", tmp / "generation_config.json")
+    (tmp / "sftlab_export.json").write_text(json.dumps(
+        {"run": str(run.dir), "step": entry["step"], "sha256": entry["sha256"], "merged": merge or not run.method.peft,
+         "base_model": run.provenance.get("base_model")}, indent=2))
 
 
 def chat(run_dir: str, step: int | None, max_new_tokens: int = 256, temperature: float = 0.0,

@@ -14,6 +14,8 @@ class BOFTOptions:
                                     default_factory=lambda: ["all-linear"])
     dropout: float = doc("multiplicative dropout on the butterfly blocks", default=0.0)
     layers: list[int] | None = doc("only these layer indices (null: all layers)", default=None)
+    cuda_kernel: bool = doc("let PEFT compile its CUDA block-diagonal kernel (needs nvcc and ninja; off: the "
+                            "PyTorch path, the same result)", default=False)
 
     def __post_init__(self):
         check(self.block_size >= 2, "method.block_size", f"must be >= 2, got {self.block_size}")
@@ -21,12 +23,22 @@ class BOFTOptions:
 
 
 def apply(model, o: BOFTOptions):
+    from unittest import mock
+
+    import torch
     from peft import BOFTConfig
+    from peft.tuners.boft import layer as boft_layer
 
     cfg = BOFTConfig(boft_block_size=o.block_size, boft_n_butterfly_factor=o.n_butterfly_factor,
                      target_modules=targets(o.target_modules), boft_dropout=o.dropout,
                      layers_to_transform=o.layers, task_type="CAUSAL_LM")
-    return peft_wrap(model, cfg)
+    if o.cuda_kernel and torch.cuda.is_available():
+        return peft_wrap(model, cfg)
+    # Otherwise PEFT tries to compile its CUDA kernel anyway - on a GPU machine ~40 s that can end in a
+    # failed build, and without CUDA once per adapted layer, since a failure is not cached - warning each
+    # time, then runs the pure-PyTorch path. Go to that path directly.
+    with mock.patch.object(boft_layer, "get_fbd_cuda", return_value=None):
+        return peft_wrap(model, cfg)
 
 
 register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge="rotation"))

@@ -1,8 +1,11 @@
 """OFT (Qiu et al. 2023; Liu et al. 2024 'OFTv2'): block-diagonal orthogonal rotations of each weight's input.
 
-By default the rotation is the exact Cayley transform R = (I + S)(I - S)^-1 of a skew-symmetric S, so the
-learned matrices are true rotations (rewinding scales S and stays on the rotation group). The Neumann
-series approximation is faster but only approximately orthogonal: opt in with `neumann: true`.
+By default each block is the exact Cayley transform of a skew-symmetric S: PEFT (0.21) computes
+R = (I - S)(I + S)^-1, so the learned matrices are true rotations (rewinding scales S and stays on the
+rotation group). The Neumann series approximation is faster but only approximately orthogonal: opt in
+with `neumann: true`. Beware that PEFT's Neumann branch approximates (I + S)(I - S)^-1, the transpose
+of the exact one, so the same S gives R with one setting and R^T with the other: never switch the
+setting for a trained adapter (its adapter_config.json records it as use_cayley_neumann).
 """
 
 from dataclasses import dataclass

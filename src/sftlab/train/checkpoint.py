@@ -97,6 +97,23 @@ def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | 
     return entry
 
 
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the lines of a step-keyed JSONL file with step <= max_step (atomic rewrite; torn lines dropped)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if int(row.get("step", 0)) <= max_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_trajectory(run_dir: Path) -> list[dict]:
     """Complete checkpoints in step order (the last line per step wins; torn lines are ignored)."""
     path = Path(run_dir) / "trajectory.jsonl"

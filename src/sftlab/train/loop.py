@@ -20,13 +20,13 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..data.collate import BatchPlan, pad_batch
 from ..data.prepare import Prepared, prepare_data
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, SftlabError
 from ..methods import METHODS
 from ..models import load_model, load_tokenizer, resolve_model
 from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
 from . import checkpoint as ckpt
 from .callbacks import build_callbacks
-from .rundir import RunLock, check_fresh, write_config, write_error, write_provenance
+from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
 
 @dataclass
@@ -45,6 +45,9 @@ def init_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise SftlabError(f"process {local} of {world} has no GPU ({torch.cuda.device_count()} visible); start "
+                              "at most one process per GPU, or set CUDA_VISIBLE_DEVICES= to train on CPU")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
@@ -95,7 +98,13 @@ def peak_memory_mb(device) -> float:
 
 
 class Trainer:
-    """Holds the state of one run; `run()` is the loop."""
+    """Holds the state of one run; `run()` is the loop.
+
+    `hooks` are for tests and tools that must act at exact points (they are not callbacks: a hook may
+    raise, e.g. to simulate a crash). Known names: "after_setup"(trainer); "before_optimizer_step"(trainer),
+    when the gradients are final (reduced and clipped); "after_step"(trainer, step, metrics), after that
+    step's checkpoint; "before_rename"(tmp_checkpoint_dir).
+    """
 
     def __init__(self, cfg: RunConfig, resume: bool = False, hooks: dict | None = None):
         self.cfg, self.resume, self.hooks = cfg, resume, hooks or {}
@@ -128,6 +137,9 @@ class Trainer:
         model.train()
         self.params = trainable_report(model)
         if self.dist.world > 1:
+            # Every trainable parameter gets a gradient each step (the output layer is applied outside
+            # the wrapped forward, in the loss, which DDP's gradient hooks still see), so no unused-
+            # parameter search is needed.
             model = torch.nn.parallel.DistributedDataParallel(model)
         self.model = model
         self.plan = BatchPlan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
@@ -140,6 +152,12 @@ class Trainer:
             self.optimizer, lr_lambda(cfg.train.schedule, warmup, self.total_steps))
         self.eval_batches = self._eval_batches()
         self.pos = {"step": 0, "epoch": 0, "micro": 0}
+        self._hook("after_setup", self)
+
+    def _hook(self, name: str, *args) -> None:
+        fn = self.hooks.get(name)
+        if fn is not None:
+            fn(*args)
 
     def _eval_batches(self) -> list[dict]:
         ex = sorted(self.data.eval, key=lambda e: len(e.input_ids))  # similar lengths pad less
@@ -147,16 +165,22 @@ class Trainer:
         return [pad_batch(ex[i:i + bs], pad) for i in range(0, len(ex), bs)]
 
     def _write_start(self) -> None:
-        if self.resume:
-            found = ckpt.find_resume(self.run_dir)
-            if found is not None:
-                self.pos = ckpt.load_resume(found, self.model, self.optimizer, self.scheduler)
+        found = ckpt.find_resume(self.run_dir) if self.resume else None
+        if found is not None:
+            self.pos = ckpt.load_resume(found, self.model, self.optimizer, self.scheduler)
+        if not self.dist.main:
             return
-        if self.dist.main:
+        if found is None:  # a fresh run, or a resume before any resume state was saved: start over
+            if self.resume:
+                print(f"sftlab: {self.run_dir} has no resume state yet; starting from step 0")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "error.txt").unlink(missing_ok=True)
             write_config(self.run_dir, self.cfg)
-            write_provenance(self.run_dir, self.cfg, self.ref, {**self.data.stats_dict(), **self.params})
+            write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), self.params)
+        else:
+            print(f"sftlab: resuming {self.run_dir} at step {self.pos['step']}")
+        if self.resume:  # steps after the resume point are trained again: drop their old lines
+            ckpt.truncate_jsonl(self.run_dir / "metrics.jsonl", self.pos["step"])
 
     # ---- the loop ---------------------------------------------------------------------------
     def next_micro_batches(self) -> list[dict]:
@@ -196,7 +220,9 @@ class Trainer:
             loss_sum += m["loss_sum"]
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # the norm before clipping
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
+        self._hook("before_optimizer_step", self)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -204,16 +230,22 @@ class Trainer:
             t = torch.tensor([loss_sum], device=dev)
             dist.all_reduce(t)
             loss_sum = float(t)
-        return {"loss": loss_sum / max(float(n_trained), 1.0), "grad_norm": grad_norm,
+        return {"loss": loss_sum / max(float(n_trained), 1.0), "grad_norm": grad_norm, "lr": lr,
                 "tokens": int(n_tokens), "trained_tokens": int(n_trained)}
 
     def run(self) -> Path:
-        if self.dist.main:
-            check_fresh(self.run_dir, self.resume)
-        with RunLock(self.run_dir) if self.dist.main else _null():
-            self.setup()
-            self._write_start()
-            return self._loop()
+        try:
+            if self.dist.main:
+                check_fresh(self.run_dir, self.resume)
+                if self.resume:
+                    check_resume_config(self.run_dir, self.cfg)
+            with RunLock(self.run_dir) if self.dist.main else _null():
+                self.setup()
+                self._write_start()
+                return self._loop()
+        finally:
+            if self.dist.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
     def _loop(self) -> Path:
         cfg, d = self.cfg, self.dist
@@ -229,7 +261,7 @@ class Trainer:
             self.pos["step"] += 1
             step = self.pos["step"]
             dt = time.time() - t0
-            metrics.update(lr=self.scheduler.get_last_lr()[0], step_time=dt, tokens_per_s=metrics["tokens"] / dt,
+            metrics.update(step_time=dt, tokens_per_s=metrics["tokens"] / dt,
                            peak_mem_mb=peak_memory_mb(d.device), elapsed=time.time() - t_start,
                            epoch=self.pos["epoch"])
             for cb in cbs:
@@ -240,6 +272,7 @@ class Trainer:
                 for cb in cbs:
                     cb.on_eval(step, em)
             self._maybe_checkpoint(step, last, cbs)
+            self._hook("after_step", self, step, metrics)
         for cb in cbs:
             cb.on_train_end(self.pos["step"], {})
         if d.world > 1:

