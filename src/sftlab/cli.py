@@ -137,7 +137,15 @@ def _config_docs() -> str:
     return describe_config()
 
 
+def _quiet_third_party_warnings() -> None:
+    import warnings
+
+    # PEFT calls a transformers property deprecated in v5 on every load; it is not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -26,7 +26,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan(steps=60, batch_size=8, n_generate=96, n_retention=96, checkpoint_every=15)
-QUICK = DemoPlan(steps=16, batch_size=8, n_generate=48, n_retention=48, checkpoint_every=8)
+QUICK = DemoPlan(steps=30, batch_size=8, n_generate=48, n_retention=48, checkpoint_every=10)
 MAX_NEW_TOKENS = 6  # a label is 1-2 tokens plus end-of-turn; more only lets the base model ramble
 
 
@@ -126,7 +126,8 @@ def final_eval_loss(run_dir: Path) -> float | None:
 # ------------------------------------------------------------------------------------------- the demo
 
 
-def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> Path:
+def run_demo(quick: bool = False, output_dir: str = "runs/demo", plan: DemoPlan | None = None) -> Path:
+    """Score the base model, train, score the final checkpoint, print the comparison; returns the run dir."""
     import torch
 
     from .models import load_model, load_tokenizer, resolve_model
@@ -134,12 +135,14 @@ def run_demo(quick: bool = False, output_dir: str = "runs/demo") -> Path:
     from .train.loop import train
 
     t0 = time.time()
-    plan = QUICK if quick else FULL
+    plan = plan or (QUICK if quick else FULL)
     data = prepare_assets(verbose=True)
     name = time.strftime("wiki-topics-%Y%m%d-%H%M%S") + ("-quick" if quick else "")
     cfg = demo_config(data, plan, output_dir, name)
     rows = [json.loads(ln) for ln in data.eval.read_text(encoding="utf-8").splitlines()][: plan.n_generate]
     torch.manual_seed(0)
+    print(f"\nTask: name the topic of a Wikipedia article's opening in one word ({', '.join(data.labels)});\n"
+          f"  e.g. {_article(rows[0])[:90]}... -> {rows[0]['messages'][-1]['content']}")
 
     print(f"\n[1/3] base model: scoring {len(rows)} held-out articles", flush=True)
     ref = resolve_model(cfg.model.path)
@@ -177,7 +180,7 @@ def report(s: dict, rows: list[dict]) -> str:
         f"  {'':34}{'base':>10}{'tuned':>10}",
         f"  {'task loss (answer tokens)':34}{b['task_loss']:>10.3f}{a['task_loss']:>10.3f}",
         f"  {'exact-match accuracy (greedy)':34}{b['accuracy']:>10.1%}{a['accuracy']:>10.1%}"
-        f"   (always '{_majority_label(rows)}': {s['majority_baseline']:.1%})",
+        f"   (most common label every time: {s['majority_baseline']:.1%})",
         f"  {'answers one of the labels':34}{b['in_label_set']:>10.1%}{a['in_label_set']:>10.1%}",
         "And what it cost (general chit-chat it never trained on)",
         f"  {'retention loss':34}{b['retention_loss']:>10.3f}{a['retention_loss']:>10.3f}",
@@ -185,7 +188,7 @@ def report(s: dict, rows: list[dict]) -> str:
         "Samples:",
     ]
     for i in _sample_indices(rows, a["answers"]):
-        text = rows[i]["messages"][0]["content"].split("\n\n", 1)[-1]
+        text = _article(rows[i])
         lines += [f"  article: {text[:110]}{'...' if len(text) > 110 else ''}",
                   f"    expected: {rows[i]['messages'][-1]['content']}",
                   f"    base:     {b['answers'][i]!r}",
@@ -194,9 +197,9 @@ def report(s: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _majority_label(rows: list[dict]) -> str:
-    gold = [r["messages"][-1]["content"] for r in rows]
-    return max(sorted(set(gold)), key=gold.count)
+def _article(row: dict) -> str:
+    """The article text of a task example (the user turn after the question)."""
+    return row["messages"][0]["content"].split("\n\n", 1)[-1]
 
 
 def _sample_indices(rows: list[dict], tuned: list[str]) -> list[int]:

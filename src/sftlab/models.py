@@ -36,10 +36,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def folder_hash(folder: str | Path) -> str:
-    """Content hash of a model folder's weights and config, memoised by (path, size, mtime) in the cache."""
+    """Content hash of a model folder's weight files, memoised by (path, size, mtime) in the cache.
+
+    Weights only: config.json carries the transformers version that wrote it, so a re-conversion under
+    another version would change the hash while the weights stay bitwise the same.
+    """
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json"))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
         raise ModelError(f"{folder}: no weights found (expected *.safetensors and config.json)")
     key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)

@@ -273,3 +273,35 @@ def test_merge_export_of_virtual_token_method_is_refused_cleanly(tmp_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml", "runs"]  # no half-written export
     assert main(["export", str(run), "-o", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "adapter_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------- configs and example data
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_config_per_kind_of_method():
+    names = {yaml.safe_load(p.read_text())["method"]["name"] for p in CONFIGS}
+    assert {"lora", "full", "oft", "prefix"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_config_starts_with_its_command_and_validates(path, monkeypatch, capsys):
+    first = path.read_text().splitlines()[0]
+    assert first == f"# sftlab train configs/{path.name}"
+    monkeypatch.chdir(REPO)  # configs name their data relative to the repository root
+    assert main(["config", f"configs/{path.name}"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for src in resolved["data"]["train"] + resolved["data"]["eval"]:
+        assert (REPO / src["path"]).is_file(), src["path"]
+
+
+def test_example_data_is_what_make_data_writes(tmp_path, monkeypatch):
+    import runpy
+
+    script = runpy.run_path(str(REPO / "examples" / "make_data.py"))
+    monkeypatch.setitem(script["main"].__globals__, "OUT", tmp_path)
+    script["main"]()
+    for f in tmp_path.iterdir():
+        assert f.read_bytes() == (REPO / "examples" / "data" / f.name).read_bytes(), f.name

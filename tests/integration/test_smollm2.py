@@ -97,3 +97,18 @@ def test_chat_answers_lines_from_stdin(smol_run):
                   input="What is the capital of France?\n/reset\nName a colour.\n")
     replies = re.findall(r"model> (.*)", proc.stdout)  # input() writes its "you> " prompt to stdout too
     assert len(replies) == 2 and all(r.strip() for r in replies), proc.stdout
+
+
+def test_demo_end_to_end_in_miniature(tmp_path, capsys):
+    from sftlab.demo import DemoPlan, run_demo
+
+    plan = DemoPlan(steps=2, batch_size=2, n_generate=4, n_retention=4, checkpoint_every=0)
+    run = run_demo(output_dir=str(tmp_path), plan=plan)
+    out = capsys.readouterr().out
+    assert run.parent == tmp_path and (run / "trajectory.jsonl").is_file()
+    s = json.loads((run / "demo.json").read_text())
+    for who in ("before", "after"):
+        assert len(s[who]["answers"]) == 4
+        assert 0 <= s[who]["accuracy"] <= 1 and s[who]["task_loss"] > 0 and s[who]["retention_loss"] > 0
+    assert s["after"]["task_loss"] < s["before"]["task_loss"]
+    assert "exact-match accuracy" in out and "Samples:" in out and f"run directory: {run}" in out

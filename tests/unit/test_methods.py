@@ -232,3 +232,19 @@ def last_checkpoint(run_dir: Path) -> Path:
     from sftlab.runs import Run
 
     return run_dir / Run(run_dir).checkpoint(None)["path"]
+
+
+def test_boft_refuses_butterfly_factors_peft_would_silently_drop():
+    """Without PEFT's CUDA kernel, PEFT trains one butterfly factor whatever the config says."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.errors import SftlabError
+    from sftlab.methods.boft import BOFTOptions, apply
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without the CUDA kernel")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(SftlabError, match="method.n_butterfly_factor"):
+        apply(model, BOFTOptions(block_size=4, n_butterfly_factor=2))

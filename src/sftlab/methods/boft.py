@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..configtools import check, doc
+from ..errors import SftlabError
 from .base import Method, peft_wrap, register_method, targets
 
 
@@ -22,6 +23,10 @@ class BOFTOptions:
         check(self.n_butterfly_factor >= 1, "method.n_butterfly_factor", "must be >= 1")
 
 
+_NO_KERNEL = ("method.n_butterfly_factor: PEFT runs more than one butterfly factor only with its CUDA kernel; "
+              "use method.n_butterfly_factor=1, or ")
+
+
 def apply(model, o: BOFTOptions):
     from unittest import mock
 
@@ -33,7 +38,12 @@ def apply(model, o: BOFTOptions):
                      target_modules=targets(o.target_modules), boft_dropout=o.dropout,
                      layers_to_transform=o.layers, task_type="CAUSAL_LM")
     if o.cuda_kernel and torch.cuda.is_available():
+        if o.n_butterfly_factor > 1 and boft_layer.get_fbd_cuda() is None:
+            raise SftlabError(_NO_KERNEL + "PEFT's CUDA kernel failed to build here (needs nvcc and ninja)")
         return peft_wrap(model, cfg)
+    if o.n_butterfly_factor > 1:
+        # PEFT would silently train with one factor and still record the one asked for.
+        raise SftlabError(_NO_KERNEL + "set method.cuda_kernel=true on a CUDA machine with nvcc and ninja")
     # Otherwise PEFT tries to compile its CUDA kernel anyway - on a GPU machine ~40 s that can end in a
     # failed build, and without CUDA once per adapted layer, since a failure is not cached - warning each
     # time, then runs the pure-PyTorch path. Go to that path directly.
