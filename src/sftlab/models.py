@@ -44,7 +44,7 @@ def folder_hash(folder: str | Path) -> str:
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
-        raise ModelError(f"{folder}: no weights found (expected *.safetensors and config.json)")
+        raise ModelError(f"{folder}: no weights found (expected *.safetensors files)")
     key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     memo_path = cache_root() / "hashes.json"
     memo = _read_json(memo_path)
@@ -141,22 +141,24 @@ class ModelRef:
         return {"spec": self.spec, "location": self.location, "sha256": self.sha256, "source": self.source}
 
 
-def resolve_model(spec: str, gguf_file: str = "") -> ModelRef:
+def resolve_model(spec: str, gguf_file: str = "", content_hash: bool = True) -> ModelRef:
+    """Where to load `spec` from, and its weights' content hash (skip it when only the tokenizer is needed)."""
+    digest = folder_hash if content_hash else (lambda _loc: "")
     if spec == DEFAULT_MODEL:
         loc = ensure_default_model()
-        return ModelRef(spec, loc, folder_hash(loc), "embedded")
+        return ModelRef(spec, loc, digest(loc), "embedded")
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         loc = str(ensure_converted(p))
-        return ModelRef(spec, loc, folder_hash(loc), "gguf")
+        return ModelRef(spec, loc, digest(loc), "gguf")
     if p.is_dir():
         if gguf_file:
             loc = str(ensure_converted(p / gguf_file))
-            return ModelRef(spec, loc, folder_hash(loc), "gguf")
+            return ModelRef(spec, loc, digest(loc), "gguf")
         if not (p / "config.json").is_file():
             raise ModelError(f"model.path: {p} has no config.json; point it at a Hugging Face model folder, "
                              "a .gguf file, or 'smollm2'")
-        return ModelRef(spec, str(p), folder_hash(p), "local")
+        return ModelRef(spec, str(p), digest(str(p)), "local")
     if spec.startswith((".", "/", "~")) or p.suffix in (".gguf", ".safetensors", ".bin"):
         raise ModelError(f"model.path: {spec} not found; give an existing folder, a .gguf file, or 'smollm2'")
     return ModelRef(spec, spec, "", "hub")

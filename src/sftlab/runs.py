@@ -6,6 +6,7 @@ elsewhere; adapters are plain PEFT folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -71,7 +72,9 @@ class Run:
         from peft import PeftModel
 
         base = load_model(ref, self.cfg.model.dtype, self.cfg.model.trust_remote_code)
-        model = PeftModel.from_pretrained(base, str(path))
+        ctx = self.method.load_context() if self.method.load_context else contextlib.nullcontext()
+        with ctx:
+            model = PeftModel.from_pretrained(base, str(path))
         if merge:
             if self.method.merge is None:
                 raise SftlabError(f"method {self.method.name!r} adds virtual tokens, it has no weights to merge; "

@@ -28,7 +28,7 @@ def inspect(cfg, n: int = 3, colour: bool | None = None) -> str:
 
     if colour is None:
         colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
+    ref = resolve_model(cfg.model.path, cfg.model.gguf_file, content_hash=False)  # tokenizer only
     tokenizer = load_tokenizer(ref, cfg.model.trust_remote_code, cfg.model.revision)
     data = prepare_data(cfg, tokenizer)
     marks = (COLOUR_ON, COLOUR_OFF) if colour else (OPEN, CLOSE)

@@ -24,6 +24,8 @@ class Method:
     # How an update merges into W (used by rewinding along the path): "additive" (W0 + dW),
     # "rotation" (OFT/BOFT: scale the skew generator), or None (prefix/prompt: nothing to merge).
     merge: str | None = "additive"
+    # A context manager factory wrapped around loading a saved adapter (e.g. to skip a kernel build).
+    load_context: Callable[[], Any] | None = None
 
 
 METHODS: Registry[Method] = Registry("method")

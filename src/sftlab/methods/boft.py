@@ -28,8 +28,6 @@ _NO_KERNEL = ("method.n_butterfly_factor: PEFT runs more than one butterfly fact
 
 
 def apply(model, o: BOFTOptions):
-    from unittest import mock
-
     import torch
     from peft import BOFTConfig
     from peft.tuners.boft import layer as boft_layer
@@ -47,8 +45,18 @@ def apply(model, o: BOFTOptions):
     # Otherwise PEFT tries to compile its CUDA kernel anyway - on a GPU machine ~40 s that can end in a
     # failed build, and without CUDA once per adapted layer, since a failure is not cached - warning each
     # time, then runs the pure-PyTorch path. Go to that path directly.
-    with mock.patch.object(boft_layer, "get_fbd_cuda", return_value=None):
+    with pytorch_path():
         return peft_wrap(model, cfg)
 
 
-register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge="rotation"))
+def pytorch_path():
+    """Make PEFT use BOFT's PyTorch path without first trying to compile its CUDA kernel."""
+    from unittest import mock
+
+    from peft.tuners.boft import layer as boft_layer
+
+    return mock.patch.object(boft_layer, "get_fbd_cuda", return_value=None)
+
+
+register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge="rotation",
+                       load_context=pytorch_path))
