@@ -130,7 +130,11 @@ class Trainer:
         model = load_model(self.ref, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation,
                            cfg.model.revision)
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             model.enable_input_require_grads()
         model = self.method.apply(model, cfg.method.options)
         model.to(self.dist.device)
