@@ -63,6 +63,33 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .scoring import evaluate_run
+
+    steps = [int(x) for x in args.steps.split(",")] if args.steps else None
+    which = "all" if args.generation else "cheap"
+    done = evaluate_run(args.run, steps, which)
+    print(f"sftlab: scored {len(done)} points of {args.run} ({which} probes) into trajectory.jsonl")
+    return 0
+
+
+def cmd_frontier(args) -> int:
+    from .rewinding import frontier_report
+
+    print(frontier_report(args.run, args.task, args.retention, args.tol))
+    return 0
+
+
+def cmd_rewind(args) -> int:
+    from .rewinding import rewind_run
+
+    params = {k: v for k, v in (("max_loss", args.max_loss), ("min_task", args.min_task), ("w", args.weight))
+              if v is not None}
+    alphas = [float(a) for a in args.alphas.split(",")] if args.search else None
+    print(rewind_run(args.run, args.policy, args.output, params, args.task, args.retention, alphas))
+    return 0
+
+
 def cmd_setup(args) -> int:
     from .assets import prepare_assets
 
@@ -118,6 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ch.set_defaults(fn=cmd_chat)
+
+    ev = sub.add_parser("eval", help="score a run's checkpoints (and the base as step 0) with its probes")
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("--steps", default="", help="comma list of steps (default: all, and 0 = the base)")
+    ev.add_argument("--generation", action="store_true", help="also run generation-based probes")
+    ev.set_defaults(fn=cmd_eval)
+
+    fr = sub.add_parser("frontier", help="checkpoints with task and retention scores; Pareto frontier; overshoot")
+    fr.add_argument("run", help="run directory")
+    fr.add_argument("--task", default=None, help="task score name (default: the first task score)")
+    fr.add_argument("--retention", default=None, help="retention score name (default: the first retention score)")
+    fr.add_argument("--tol", type=float, default=0.0, help="differences below this are ties")
+    fr.set_defaults(fn=cmd_frontier)
+
+    rw = sub.add_parser("rewind", help="pick a point on the path by a policy, say why, and export it")
+    rw.add_argument("run", help="run directory")
+    rw.add_argument("--policy", default="knee",
+                    help="knee | max_task_with_retention_loss | max_retention_with_task | weighted")
+    rw.add_argument("--max-loss", type=float, default=None, help="max_task_with_retention_loss: allowed drop")
+    rw.add_argument("--min-task", type=float, default=None, help="max_retention_with_task: task score to reach")
+    rw.add_argument("--weight", type=float, default=None, help="weighted: weight of the task axis (0..1)")
+    rw.add_argument("--search", action="store_true", help="also search between the base and the chosen checkpoint")
+    rw.add_argument("--alphas", default="0.25,0.5,0.75,1.0", help="--search grid")
+    rw.add_argument("--task", default=None)
+    rw.add_argument("--retention", default=None)
+    rw.add_argument("-o", "--output", default=None, help="export the chosen point here")
+    rw.set_defaults(fn=cmd_rewind)
 
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
     s.set_defaults(fn=cmd_setup)

@@ -137,6 +137,24 @@ class LoggingSection:
 
 
 @dataclass
+class ScoringSection:
+    during_training: bool = doc("score the cheap (likelihood) probes on the starting model and at every "
+                                "trajectory checkpoint while training", default=True)
+    batch_size: int = doc("examples per probe batch", default=8)
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, "scoring.batch_size", "must be >= 1")
+
+
+@dataclass
+class ProbeEntry:
+    """`probes: [{name: kl_to_base, k: 32}, ...]`: a registered probe and its options."""
+
+    name: str = ""
+    options: Any = None
+
+
+@dataclass
 class MethodSection:
     """`method: {name: lora, r: 16, ...}`: the name picks a registered method, the rest are its options."""
 
@@ -153,6 +171,9 @@ class RunConfig:
     train: TrainSection = doc("optimisation", default_factory=TrainSection)
     checkpoint: CheckpointSection = doc("trajectory and resume checkpoints", default_factory=CheckpointSection)
     logging: LoggingSection = doc("logging", default_factory=LoggingSection)
+    scoring: ScoringSection = doc("when probes score checkpoints", default_factory=ScoringSection)
+    probes: list[ProbeEntry] = doc("task and retention probes (see `sftlab config --show`, probes)",
+                                   default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -161,6 +182,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = to_dict(self)
         d["method"] = {"name": self.method.name, **to_dict(self.method.options)}
+        d["probes"] = [{"name": p.name, **to_dict(p.options)} for p in self.probes]
         return d
 
     def hash(self) -> str:
@@ -185,13 +207,42 @@ def parse_method(data: Any):
     return MethodSection(name=name, options=from_dict(spec.options, data, "method"))
 
 
+def parse_probes(data: Any) -> list[ProbeEntry]:
+    from .probes import PROBES
+
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ConfigError("probes: expected a list like [{name: heldout_loss, path: eval.jsonl}, {name: kl_to_base}]")
+    out = []
+    for i, entry in enumerate(data):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"probes[{i}]: expected a section with a name, e.g. {{name: kl_to_base}}")
+        entry = dict(entry)
+        name = entry.pop("name")
+        try:
+            spec = PROBES.get(name)
+        except RegistryError as e:
+            raise ConfigError(f"probes[{i}].name: {e}") from None
+        out.append(ProbeEntry(name, from_dict(spec.options, entry, f"probes[{i}]")))
+    names = [getattr(p.options, "score_name", "") or p.name for p in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"probes: two probes would both write the score {dup[0]!r}; give one a score_name")
+    return out
+
+
 def config_from_dict(data: dict) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError("config: the file must hold a mapping of sections (run, model, method, data, train, ...)")
     data = dict(data)
     method = parse_method(data.pop("method", None))
+    probes = parse_probes(data.pop("probes", None))
     cfg = from_dict(RunConfig, data)
     cfg.method = method
+    cfg.probes = probes
     validate_combinations(cfg)
     return cfg
 
@@ -233,10 +284,18 @@ def describe_config() -> str:
 
     lines = ["sftlab run configuration (YAML; override any key with key.path=value)", ""]
     lines += describe(RunConfig)
-    lines = [ln for ln in lines if not ln.strip().startswith(("method.name", "method.options"))]
+    lines = [ln for ln in lines if not ln.strip().startswith(("method.name", "method.options", "probes[]."))]
     lines += ["", "method.name picks a method; its options sit beside it in the method section:"]
     for name in METHODS.names():
         spec = METHODS.get(name)
         lines.append(f"  {name}: {spec.description}")
         lines += ["  " + ln for ln in describe(spec.options, "method.", 1)]
+    from .probes import PROBES
+
+    lines += ["", "probes: a list; each entry names a probe and sets its options beside the name:"]
+    for name in PROBES.names():
+        spec = PROBES.get(name)
+        lines.append(f"  {name} ({'every checkpoint' if spec.cheap else 'generation: base, final, frontier'}): "
+                     f"{spec.description}")
+        lines += ["  " + ln for ln in describe(spec.options, "probes[].", 1)]
     return "\n".join(lines)

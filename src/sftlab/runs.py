@@ -31,6 +31,11 @@ class Run:
         self.provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
 
     def checkpoints(self) -> list[dict]:
+        """Complete checkpoints (entries with weights), in step order."""
+        return [e for e in read_trajectory(self.dir) if e.get("path")]
+
+    def trajectory(self) -> list[dict]:
+        """Every scored point, step 0 (the starting model) included."""
         return read_trajectory(self.dir)
 
     def checkpoint(self, step: int | None) -> dict:
@@ -59,6 +64,9 @@ class Run:
             raise SftlabError(f"{ref.location}: not the base model this run trained (content hash differs from "
                               "provenance.json); the checkpoints do not apply to it")
         return ref
+
+    def tokenizer(self):
+        return load_tokenizer(self.base_ref(), self.cfg.model.trust_remote_code)
 
     def load(self, step: int | None = None, merge: bool = False):
         """(model, tokenizer) at a checkpoint: base + adapter (merged on request), or full weights."""

@@ -125,7 +125,11 @@ def read_trajectory(run_dir: Path) -> list[dict]:
             entry = json.loads(line)
         except ValueError:
             continue
-        by_step[entry["step"]] = {**by_step.get(entry["step"], {}), **entry}
+        prev = by_step.get(entry["step"], {})
+        merged = {**prev, **entry}
+        if "scores" in prev or "scores" in entry:  # score lines add to a checkpoint's scores, by name
+            merged["scores"] = {**prev.get("scores", {}), **entry.get("scores", {})}
+        by_step[entry["step"]] = merged
     return [by_step[s] for s in sorted(by_step)]
 
 

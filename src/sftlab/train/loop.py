@@ -254,6 +254,12 @@ class Trainer:
     def _loop(self) -> Path:
         cfg, d = self.cfg, self.dist
         cbs = build_callbacks(cfg, self.run_dir, self.total_steps, self.pos["step"], d.main)
+        if d.main and cfg.probes and cfg.scoring.during_training:
+            from ..scoring import ScoreCallback
+
+            cbs.insert(0, ScoreCallback(self))
+        for cb in cbs:
+            getattr(cb, "on_train_start", lambda step: None)(self.pos["step"])
         if d.main:
             p = self.params
             print(f"sftlab: {cfg.method.name}: {p['trainable_params']:,} trainable of {p['total_params']:,} "

@@ -1,0 +1,213 @@
+"""kl_to_base: KL(base || model) on general text, from cached top-k base log-probs - a retention probe.
+
+The estimator. At every position t of every passage the base model's next-token distribution p is
+coarsened to k + 1 outcomes: its k most likely tokens S_t, and one bucket R_t for the rest of the
+vocabulary. The cache holds, per position, the ids of S_t, log p_i for i in S_t and log p(R_t) (the
+log-sum-exp of the base's log-probs outside S_t, computed exactly from the full logits, so there is
+no 1 - sum cancellation). A checkpoint costs one forward pass: from the model's full log-probs q,
+
+    KL_t = sum_{i in S_t} p_i (log p_i - log q_i)  +  p(R_t) (log p(R_t) - log q(R_t)),
+
+with q(R_t) = 1 - sum_{i in S_t} q_i (again a log-sum-exp outside S_t). The score is the token mean
+of KL_t over all positions of all passages (nats/token); its bootstrap CI resamples passages.
+
+By the chain rule of KL, KL_full = KL_t + p(R_t) KL(p(.|R_t) || q(.|R_t)): the estimate is a lower
+bound (data-processing inequality) whose gap is the base's tail mass times the divergence inside the
+tail - small when the base is confident (p(R_t) is reported as `base_rest_mass`), and exactly zero
+when the model rescales the tail uniformly. KL of the base against itself is exactly 0.
+
+The cache (safetensors: k ids and k log-probs + 1 rest log-mass per position, 260 bytes at k = 32,
+about 66 KB per 256-token passage) lives under ProbeContext.cache_dir, keyed by a hash of the base identity, the passages, their token ids (so
+the tokenizer and max_length), and k: a different base or probe set gets a new file, never a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..configtools import check, doc
+from .base import BaseProbe, ProbeContext, ProbeError, bootstrap_ci, model_fingerprint, register_probe
+
+CACHE_VERSION = 1  # bump when what is cached, or how, changes
+
+
+@dataclass
+class KLOptions:
+    path: str = doc("general text: a .txt file (passages separated by blank lines) or rows with 'text'; "
+                    "empty: offline Wikipedia lead sections", default="")
+    n: int = doc("Wikipedia passages to use when path is empty", default=64)
+    limit: int = doc("use a fixed seeded subset of this many passages of `path` (0: all)", default=0)
+    k: int = doc("base log-probs cached per position (the rest of the vocabulary is one bucket)", default=32)
+    max_length: int = doc("tokens per passage (longer ones keep their beginning)", default=256)
+    score_name: str = doc("name of the score in trajectory.jsonl (default: kl_to_base)", default="")
+
+    def __post_init__(self):
+        check(self.n >= 1, "probes.kl_to_base.n", "must be >= 1")
+        check(self.k >= 1, "probes.kl_to_base.k", "must be >= 1")
+        check(self.limit >= 0, "probes.kl_to_base.limit", "must be >= 0")
+        check(self.max_length >= 2, "probes.kl_to_base.max_length", "must be >= 2")
+
+
+def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
+    """Yield (example index, position offset, log-probs (n, V) float32) over every position of every example."""
+    from ..data.collate import pad_batch
+    from ..objectives import forward_hidden, to_device
+    from .likelihood import length_batches, scoring
+
+    with scoring(model):
+        for idx in length_batches(examples, batch_size):
+            batch = to_device(pad_batch([examples[i] for i in idx], pad), device)
+            hidden, head = forward_hidden(model, batch)  # (B, L, H)
+            for r, i in enumerate(idx):
+                n = len(examples[i].input_ids)
+                for s in range(0, n, chunk):
+                    yield i, s, head(hidden[r, s:min(n, s + chunk)]).float().log_softmax(-1)  # (n, V)
+
+
+def _rest_logprob(logp, ids):
+    """log of the probability mass outside `ids` per row: logsumexp of log-probs with `ids` masked out."""
+    return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def base_topk(model, examples, pad: int, batch_size: int, device, k: int) -> dict:
+    """Per position (concatenated over examples in order): top-k ids, their log-probs, rest log-mass."""
+    import torch
+
+    parts: dict[int, list] = {i: [] for i in range(len(examples))}
+    for i, _, logp in position_logprobs(model, examples, pad, batch_size, device):
+        vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (n, k)
+        parts[i].append((ids.int().cpu(), vals.cpu(), _rest_logprob(logp, ids).cpu()))
+    cat = [torch.cat([p[j] for i in range(len(examples)) for p in parts[i]]) for j in range(3)]
+    return {"ids": cat[0].contiguous(), "logp": cat[1].contiguous(), "rest": cat[2].contiguous(),
+            "lengths": torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)}
+
+
+def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device) -> list[tuple[float, int]]:
+    """Per example: (sum over positions of the top-k + rest KL(base || model), number of positions)."""
+    import torch
+
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), ref["lengths"].cumsum(0)])
+    sums = [0.0] * len(examples)
+    for i, s, lq in position_logprobs(model, examples, pad, batch_size, device):
+        a = int(starts[i]) + s
+        sl = slice(a, a + lq.shape[0])
+        ids = ref["ids"][sl].long().to(lq.device)
+        lp = ref["logp"][sl].double().to(lq.device)  # (n, k) base log-probs
+        rp = ref["rest"][sl].double().to(lq.device)  # (n,) base log-mass outside the top-k
+        lq_top = lq.gather(-1, ids).double()
+        lq_rest = _rest_logprob(lq, ids).double()
+        kl = (lp.exp() * (lp - lq_top)).sum(-1)
+        rest_p = rp.exp()
+        kl = kl + torch.where(rest_p > 0, rest_p * (rp - lq_rest), torch.zeros_like(rest_p))
+        sums[i] += float(kl.sum())
+    return [(sums[i], len(e.input_ids)) for i, e in enumerate(examples)]
+
+
+def full_vocab_kl(base, model, examples, pad: int, batch_size: int, device) -> list[tuple[float, int]]:
+    """Exact KL(base || model) over the whole vocabulary (both models in memory): the estimator's yardstick."""
+    ref = {i: [] for i in range(len(examples))}
+    for i, s, lp in position_logprobs(base, examples, pad, batch_size, device):
+        ref[i].append(lp)
+    sums = [0.0] * len(examples)
+    for i, s, lq in position_logprobs(model, examples, pad, batch_size, device):
+        lp = ref[i].pop(0).double()
+        sums[i] += float((lp.exp() * (lp - lq.double())).sum())
+    return [(sums[i], len(e.input_ids)) for i, e in enumerate(examples)]
+
+
+def cache_key(base_id: str, texts: list[str], examples, k: int, max_length: int, tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "base": base_id, "k": k, "max_length": max_length,
+                         "tokenizer": [type(tokenizer).__name__, len(tokenizer)]}, sort_keys=True).encode())
+    for t, e in zip(texts, examples):
+        h.update(hashlib.sha256(t.encode("utf-8")).digest())
+        h.update(json.dumps(e.input_ids).encode())
+    return h.hexdigest()
+
+
+def load_cache(path: Path, key: str) -> dict | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+        return load_file(str(path))
+    except Exception:  # a truncated or foreign file: recompute it (it is only a cache)
+        return None
+
+
+def save_cache(path: Path, key: str, ref: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(ref, str(tmp), metadata={"key": key, **{k: str(v) for k, v in meta.items()}})
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+
+
+class KLToBase(BaseProbe):
+    registered = "kl_to_base"
+    higher_is_better = False
+    cheap = True
+
+    def __init__(self, options: KLOptions) -> None:
+        super().__init__(options)
+        self.kind = "retention"  # always against the original pretrained base
+
+    def reference(self, tokenizer, ctx: ProbeContext):
+        """(examples, cached top-k base outputs, 'reused' | 'computed', cache file) for this probe's passages."""
+        from .likelihood import pad_id, text_examples
+        from .perplexity import general_or_file
+
+        o = self.options
+        texts = general_or_file(o.path, o.n, o.limit, ctx.seed, "probes.kl_to_base.path")
+        examples = text_examples(tokenizer, texts, o.max_length)
+        base = None
+        base_id = ctx.base_id
+        if not base_id:  # no identity given: fingerprint the base weights (loads the base)
+            base = self._base(ctx)
+            base_id = "fingerprint:" + model_fingerprint(base)
+        key = cache_key(base_id, texts, examples, o.k, o.max_length, tokenizer)
+        path = Path(ctx.cache_dir) / f"kl-top{o.k}-{key[:32]}.safetensors"
+        ref = load_cache(path, key)
+        if ref is not None:
+            return examples, ref, "reused", path
+        base = base if base is not None else self._base(ctx)
+        ref = base_topk(base, examples, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(base), o.k)
+        save_cache(path, key, ref, {"base_id": base_id, "k": o.k, "max_length": o.max_length,
+                                    "passages": len(texts)})
+        return examples, ref, "computed", path
+
+    @staticmethod
+    def _base(ctx: ProbeContext):
+        if ctx.base_model is not None:
+            return ctx.base_model
+        if ctx.load_base is not None:
+            return ctx.load_base()
+        raise ProbeError("kl_to_base: the base model's outputs are not cached yet and no base model was given; "
+                         "pass ProbeContext(base_model=...) or load_base=...")
+
+    def score(self, model, tokenizer, ctx: ProbeContext):
+        from .likelihood import pad_id
+
+        examples, ref, status, path = self.reference(tokenizer, ctx)
+        res = kl_from_topk(model, examples, ref, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        positions = [n for _, n in res]
+        kl = sum(s for s, _ in res) / sum(positions)
+        ci = bootstrap_ci([s / n for s, n in res], weights=positions, n_boot=ctx.n_boot, seed=ctx.seed)
+        rest = ref["rest"].double().exp()
+        return self.make_score(kl, len(examples), ci, k=int(ref["ids"].shape[1]), positions=sum(positions),
+                               base_rest_mass=float(rest.mean()), base_rest_mass_max=float(rest.max()),
+                               cache=status, cache_file=str(path))
+
+
+register_probe("kl_to_base", KLOptions, KLToBase,
+               "KL(base || model) on general text from cached top-k base log-probs (retention)")

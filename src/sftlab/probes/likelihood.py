@@ -1,0 +1,106 @@
+"""Batched log-likelihoods of trained spans, through the same forward pass and labels as training.
+
+`objectives.forward_hidden` gives final hidden states aligned with the input ids (it drops the
+virtual tokens prompt tuning prepends), and the output layer is applied only at scored positions,
+so a probe costs what an eval step costs and works on plain HF and PEFT-wrapped models alike.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..config import DataSection
+from ..data.collate import pad_batch
+from ..data.formats import Record
+from ..data.tokenize import IGNORE, Example, fit_length, tokenize_record, use_chat_template
+from ..errors import DataError
+from ..objectives import forward_hidden, to_device
+
+
+@contextmanager
+def scoring(model):
+    """Eval mode (no dropout) under no_grad; the model's training flag is restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pid is None else int(pid)
+
+
+def length_batches(examples: list, batch_size: int, length=lambda e: len(e.input_ids)) -> list[list[int]]:
+    """Index batches of similar lengths (less padding); deterministic (stable sort)."""
+    order = sorted(range(len(examples)), key=lambda i: length(examples[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def example_logprobs(model, examples: list[Example], pad: int, batch_size: int, device,
+                     chunk: int = 1024) -> list[tuple[float, int, int]]:
+    """Per example: (sum of log p(target) over its trained positions, their count, argmax-correct count)."""
+    out: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(examples)
+    with scoring(model):
+        for idx in length_batches(examples, batch_size):
+            batch = to_device(pad_batch([examples[i] for i in idx], pad), device)
+            hidden, head = forward_hidden(model, batch)  # (B, L, H)
+            sel = batch["targets"] != IGNORE
+            rows = sel.nonzero()[:, 0]  # (N,) batch row of each scored position
+            h, y = hidden[sel], batch["targets"][sel]  # (N, H), (N,)
+            lp_sum = torch.zeros(len(idx), dtype=torch.float64, device=h.device)
+            ok = torch.zeros(len(idx), dtype=torch.long, device=h.device)
+            for s in range(0, y.numel(), chunk):
+                logits = head(h[s:s + chunk]).float()  # (n, V)
+                lp = logits.log_softmax(-1).gather(-1, y[s:s + chunk, None])[:, 0]
+                lp_sum.index_add_(0, rows[s:s + chunk], lp.double())
+                ok.index_add_(0, rows[s:s + chunk], (logits.argmax(-1) == y[s:s + chunk]).long())
+            counts = sel.sum(-1)
+            for j, i in enumerate(idx):
+                out[i] = (float(lp_sum[j]), int(counts[j]), int(ok[j]))
+    return out
+
+
+def data_section(template: str, max_length: int, assistant_turns: str = "last") -> DataSection:
+    """The data options tokenization needs: completion-only labels (by default on the last assistant turn)."""
+    return DataSection(template=template, max_length=max_length, assistant_turns=assistant_turns,
+                       train_on_prompt=False)
+
+
+def answer_examples(tokenizer, prompts: list[list[dict]], answers: list[str], template: str, max_length: int,
+                    sources: list[str]) -> list[Example]:
+    """Each prompt conversation followed by its answer as the assistant turn; labels on the answer.
+
+    With a chat template the scored span is the answer plus the end-of-turn token (as in training),
+    so an answer that is a prefix of another ("bio" / "biology") is not favoured for being short.
+    """
+    cfg = data_section(template, max_length)
+    chat = use_chat_template(tokenizer, template)
+    out = []
+    for msgs, ans, src in zip(prompts, answers, sources):
+        if chat:
+            rec = Record("chat", src, messages=msgs + [{"role": "assistant", "content": ans}])
+        else:
+            rec = Record("prompt_completion", src, prompt="\n\n".join(m["content"] for m in msgs), completion=ans)
+        ex = fit_length(tokenize_record(tokenizer, rec, chat, cfg), max_length)
+        if ex is None:
+            raise DataError(f"{src}: the answer {ans[:40]!r} alone is longer than max_length={max_length}; "
+                            "raise the probe's max_length")
+        out.append(ex)
+    return out
+
+
+def text_examples(tokenizer, texts: list[str], max_length: int, sources: list[str] | None = None) -> list[Example]:
+    """Plain text, every token scored; longer texts keep their first `max_length` tokens."""
+    out = []
+    for i, t in enumerate(texts):
+        ids = tokenizer(t)["input_ids"][:max_length]
+        if len(ids) < 2:
+            raise DataError(f"{sources[i] if sources else f'text {i}'}: fewer than 2 tokens; nothing to score")
+        out.append(Example(list(ids), list(ids), sources[i] if sources else f"text {i}"))
+    return out

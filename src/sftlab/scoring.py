@@ -1,0 +1,125 @@
+"""Score checkpoints with the run's probes and record the scores in trajectory.jsonl.
+
+The same function scores a model during training (a callback on each checkpoint) and afterwards
+(`sftlab eval RUN`), so scores made either way are the same numbers. Step 0 is the starting model.
+Scores are appended as `{"step": N, "scores": {name: score}}` lines; `read_trajectory` merges them
+into the checkpoint's entry (later lines win per score name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .probes import ProbeContext, build_probe
+
+
+def build_probes(cfg, which: str = "cheap") -> list:
+    """The config's probes; `which` is 'cheap' (likelihood-based), 'generation', or 'all'."""
+    probes = [build_probe(p.name, p.options) for p in cfg.probes]
+    if which == "cheap":
+        return [p for p in probes if p.cheap]
+    if which == "generation":
+        return [p for p in probes if not p.cheap]
+    return probes
+
+
+def score_model(model, tokenizer, probes, ctx: ProbeContext) -> dict:
+    """{score name: score dict}, model in eval mode under no_grad; the caller's mode and RNG are restored."""
+    was_training = model.training
+    rng = torch.get_rng_state()  # scoring must not shift training's dropout stream
+    model.eval()
+    out = {}
+    try:
+        with torch.no_grad():
+            for probe in probes:
+                t0 = time.time()
+                s = probe.score(model, tokenizer, ctx).to_dict()
+                s["seconds"] = round(time.time() - t0, 3)
+                out[s["name"]] = s
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+    return out
+
+
+def append_scores(run_dir: Path, step: int, scores: dict, extra: dict | None = None) -> None:
+    line = {"step": step, "scores": scores, **(extra or {})}
+    with open(Path(run_dir) / "trajectory.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def context_for(cfg, base_ref, device=None) -> ProbeContext:
+    from .models import load_model
+
+    return ProbeContext(device=device, batch_size=cfg.scoring.batch_size, seed=cfg.run.seed,
+                        base_id=base_ref.sha256 or base_ref.location,
+                        load_base=lambda: load_model(base_ref, cfg.model.dtype, cfg.model.trust_remote_code))
+
+
+class ScoreCallback:
+    """Scores cheap probes on the starting model and at every trajectory checkpoint, during training."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.probes = build_probes(trainer.cfg, "cheap")
+        self.ctx = context_for(trainer.cfg, trainer.ref, trainer.dist.device)
+        self.seconds = 0.0
+
+    def _score(self, step: int) -> None:
+        t0 = time.time()
+        model = getattr(self.trainer.model, "module", self.trainer.model)
+        scores = score_model(model, self.trainer.tokenizer, self.probes, self.ctx)
+        append_scores(self.trainer.run_dir, step, scores)
+        self.seconds += time.time() - t0
+
+    def on_train_start(self, step: int) -> None:
+        if step == 0:
+            self._score(0)
+
+    def on_checkpoint(self, step, entry):
+        self._score(step)
+
+    def on_step_end(self, step, metrics): pass
+    def on_eval(self, step, metrics): pass
+
+    def on_train_end(self, step, summary):
+        append_scores(self.trainer.run_dir, step, {}, {"scoring_seconds": round(self.seconds, 3)})
+
+
+def evaluate_run(run_dir: str, steps: list[int] | None = None, which: str = "cheap", base: bool = True,
+                 progress: bool = True) -> list[int]:
+    """Score saved checkpoints (and the base as step 0) offline; returns the steps scored."""
+    from .models import load_model
+    from .runs import Run
+
+    run = Run(run_dir)
+    probes = build_probes(run.cfg, which)
+    if not probes:
+        return []
+    ref = run.base_ref()
+    ctx = context_for(run.cfg, ref)
+    entries = [e for e in run.checkpoints() if e.get("path") and (steps is None or e["step"] in steps)]
+    todo = ([0] if base and (steps is None or 0 in steps) else []) + [e["step"] for e in entries]
+    it = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc="scoring checkpoints", unit="ckpt")
+    for step in it:
+        if step == 0:
+            model = load_model(ref, run.cfg.model.dtype, run.cfg.model.trust_remote_code)
+            tok = run.tokenizer()
+        else:
+            model, tok = run.load(step)
+        ctx.base_model = model if step == 0 else ctx.base_model
+        append_scores(run.dir, step, score_model(model, tok, probes, ctx))
+        if step != 0:
+            del model
+    return todo
