@@ -73,21 +73,33 @@ def _rest_logprob(logp, ids):
     return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
-def base_topk(model, examples, pad: int, batch_size: int, device, k: int) -> dict:
-    """Per position (concatenated over examples in order): top-k ids, their log-probs, rest log-mass."""
+def base_topk(model, examples, pad: int, batch_size: int, device, k: int, tail: int = 0, seed: int = 0) -> dict:
+    """Per position (concatenated over examples in order): top-k ids and log-probs, the rest log-mass, and
+    (tail > 0) `tail` token ids drawn from the base's distribution restricted to the rest, with their log-probs."""
     import torch
 
     parts: dict[int, list] = {i: [] for i in range(len(examples))}
+    gen = None
     for i, _, logp in position_logprobs(model, examples, pad, batch_size, device):
         vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (n, k)
-        parts[i].append((ids.int().cpu(), vals.cpu(), _rest_logprob(logp, ids).cpu()))
-    cat = [torch.cat([p[j] for i in range(len(examples)) for p in parts[i]]) for j in range(3)]
-    return {"ids": cat[0].contiguous(), "logp": cat[1].contiguous(), "rest": cat[2].contiguous(),
-            "lengths": torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)}
+        masked = logp.scatter(-1, ids, float("-inf"))  # (n, V): the base outside its top-k
+        row = [ids.int().cpu(), vals.cpu(), masked.logsumexp(-1).cpu()]
+        if tail and k < logp.shape[-1]:
+            if gen is None:
+                gen = torch.Generator(device=logp.device).manual_seed(seed)
+            t_ids = torch.multinomial(masked.softmax(-1), tail, replacement=True, generator=gen)  # (n, tail)
+            row += [t_ids.int().cpu(), logp.gather(-1, t_ids).cpu()]
+        parts[i].append(row)
+    names = ["ids", "logp", "rest", "tail_ids", "tail_logp"]
+    width = len(parts[0][0]) if examples else 3
+    ref = {names[j]: torch.cat([p[j] for i in range(len(examples)) for p in parts[i]]).contiguous()
+           for j in range(width)}
+    ref["lengths"] = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
+    return ref
 
 
 def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device) -> list[tuple[float, int]]:
-    """Per example: (sum over positions of the top-k + rest KL(base || model), number of positions)."""
+    """Per example: (sum over positions of the top-k + rest [+ sampled tail] KL(base || model), positions)."""
     import torch
 
     starts = torch.cat([torch.zeros(1, dtype=torch.long), ref["lengths"].cumsum(0)])
@@ -100,9 +112,15 @@ def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device) 
         rp = ref["rest"][sl].double().to(lq.device)  # (n,) base log-mass outside the top-k
         lq_top = lq.gather(-1, ids).double()
         lq_rest = _rest_logprob(lq, ids).double()
-        kl = (lp.exp() * (lp - lq_top)).sum(-1)
         rest_p = rp.exp()
+        kl = (lp.exp() * (lp - lq_top)).sum(-1)
         kl = kl + torch.where(rest_p > 0, rest_p * (rp - lq_rest), torch.zeros_like(rest_p))
+        if "tail_ids" in ref:  # + p(R) KL(p(.|R) || q(.|R)), Monte Carlo over tokens drawn from p(.|R)
+            t_ids = ref["tail_ids"][sl].long().to(lq.device)
+            t_lp = ref["tail_logp"][sl].double().to(lq.device)  # (n, tail) log p of the drawn tokens
+            t_lq = lq.gather(-1, t_ids).double()
+            inner = ((t_lp - rp[:, None]) - (t_lq - lq_rest[:, None])).mean(-1)
+            kl = kl + torch.where(rest_p > 0, rest_p * inner, torch.zeros_like(rest_p))
         sums[i] += float(kl.sum())
     return [(sums[i], len(e.input_ids)) for i, e in enumerate(examples)]
 

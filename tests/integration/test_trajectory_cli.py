@@ -1,0 +1,116 @@
+"""Scores along the path, end to end on a tiny model: the score callback during training, `sftlab eval`
+afterwards (the same numbers), `sftlab frontier` (overshoot detected when planted, not otherwise) and
+`sftlab rewind` (a chosen, explained, exported point)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import build_tiny_model, memorisable_chats, tiny_config, write_jsonl
+from sftlab.cli import main
+from sftlab.config import parse_probes
+from sftlab.runs import Run
+from sftlab.train.loop import Trainer
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("traj-data")
+    chats = write_jsonl(d / "chats.jsonl", memorisable_chats(16))
+    general = d / "general.txt"
+    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
+                                   for i in range(12)))
+    return chats, general
+
+
+def probes(files):
+    chats, general = files
+    return [{"name": "heldout_loss", "path": str(chats)}, {"name": "kl_to_base", "path": str(general), "k": 8}]
+
+
+def train(tmp_path, model_dir, files, name, method=None, **sections):
+    data = files[0]
+    cfg = tiny_config(tmp_path, model_dir, data, method=method, run={"name": name},
+                      train={"steps": 8, "batch_size": 4, "lr": 1e-2, "threads": 1, **sections.pop("train", {})},
+                      checkpoint={"every": 2}, **sections)
+    cfg.probes = parse_probes(probes(files))
+    t = Trainer(cfg)
+    t.run()
+    return t
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, files):
+    tmp = tmp_path_factory.mktemp("traj")
+    model_dir = build_tiny_model(tmp / "model", dropout=0.1)
+    return train(tmp, model_dir, files, "lora", method={"name": "lora", "r": 4, "dropout": 0.1})
+
+
+def test_every_checkpoint_and_the_start_are_scored(lora_run):
+    entries = Run(lora_run.run_dir).trajectory()
+    assert [e["step"] for e in entries] == [0, 2, 4, 6, 8]
+    for e in entries:
+        assert {"heldout_loss", "kl_to_base"} <= set(e["scores"])
+        for s in e["scores"].values():
+            assert s["n"] > 0 and s["ci_low"] <= s["value"] <= s["ci_high"]
+    assert abs(entries[0]["scores"]["kl_to_base"]["value"]) < 1e-6  # LoRA starts as the base
+    assert entries[-1]["scores"]["heldout_loss"]["value"] < entries[0]["scores"]["heldout_loss"]["value"]
+
+
+def test_scoring_during_training_does_not_change_training(lora_run, tmp_path, files):
+    """Dropout is on: scoring must not consume the training RNG stream."""
+    cfg = lora_run.cfg
+    import dataclasses
+
+    plain = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="noprobe", output_dir=str(tmp_path)),
+                                probes=[])
+    t = Trainer(plain)
+    t.run()
+    wa = {n: p for n, p in lora_run.model.named_parameters() if p.requires_grad}
+    wb = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+    assert max((wa[n] - wb[n]).abs().max().item() for n in wa) == 0.0
+
+
+def test_offline_eval_gives_the_training_time_numbers(lora_run, capsys):
+    during = {e["step"]: e["scores"] for e in Run(lora_run.run_dir).trajectory()}
+    assert main(["eval", str(lora_run.run_dir), "--steps", "0,4,8"]) == 0
+    after = {e["step"]: e["scores"] for e in Run(lora_run.run_dir).trajectory()}
+    for step in (0, 4, 8):
+        for name in ("heldout_loss", "kl_to_base"):
+            assert after[step][name]["value"] == pytest.approx(during[step][name]["value"], abs=1e-5)
+
+
+def test_frontier_and_rewind_on_a_clean_run(lora_run, tmp_path, capsys):
+    assert main(["frontier", str(lora_run.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "heldout_loss" in out and "kl_to_base" in out and "*" in out
+    assert "no overshoot" in out
+    dest = tmp_path / "chosen"
+    assert main(["rewind", str(lora_run.run_dir), "--policy", "weighted", "--weight", "0.7", "-o", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: step" in out and "weighted" in out
+    assert (dest / "adapter_config.json").is_file() or (dest / "config.json").is_file()
+
+
+def test_planted_overshoot_is_detected(tmp_path_factory, files, capsys):
+    """Full fine-tuning at a learning rate far too high: late checkpoints lose on both axes."""
+    tmp = tmp_path_factory.mktemp("overshoot")
+    model_dir = build_tiny_model(tmp / "model")
+    t = train(tmp, model_dir, files, "hot", method={"name": "full"},
+              train={"lr": 0.3, "schedule": "constant", "max_grad_norm": 0.0, "steps": 8})
+    assert main(["frontier", str(t.run_dir), "--tol", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "overshoot: the final checkpoint" in out, out
+
+
+def test_rewind_search_between_checkpoints(lora_run, tmp_path, capsys):
+    dest = tmp_path / "between"
+    assert main(["rewind", str(lora_run.run_dir), "--policy", "knee", "--search", "--alphas", "0.5,1.0",
+                 "-o", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "search between the base and step" in out
+    assert (dest / "config.json").is_file() or (dest / "adapter_config.json").is_file()
+    meta = json.loads((dest / "sftlab_export.json").read_text())
+    assert "step" in meta
