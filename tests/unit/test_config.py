@@ -146,7 +146,7 @@ def _described_keys() -> list[str]:
     keys = []
     hints = typing.get_type_hints(RunConfig)
     for section in dataclasses.fields(RunConfig):
-        if section.name == "method":
+        if section.name in ("method", "probes"):  # registry-driven: checked by their own blocks below
             continue
         cls = hints[section.name]
         sub_hints = typing.get_type_hints(cls)
@@ -172,6 +172,18 @@ def test_config_show_lists_every_field_and_method_option():
             line = next((ln for ln in block.splitlines() if ln.strip().startswith(f"method.{f.name} (")), None)
             assert line is not None, f"{name}: method.{f.name} not listed"
             assert f.metadata.get("help", "") in line, f"{name}: method.{f.name} lacks its help text"
+
+
+def test_config_show_lists_every_probe_and_its_options():
+    from sftlab.probes import PROBES
+
+    out = subprocess.run([*SFTLAB, "config", "--show"], capture_output=True, text=True, timeout=60).stdout
+    block = out.split("probes: a list")[1]
+    for name in PROBES.names():
+        spec = PROBES.get(name)
+        assert f"  {name} (" in block and spec.description in block
+        for f in dataclasses.fields(spec.options):
+            assert f"probes[].{f.name} (" in block, f"{name}: {f.name} not listed"
 
 
 def test_train_help_includes_field_docs():

@@ -134,7 +134,8 @@ def test_flesch_known_sentences():
     hard = "Institutional accountability necessitates comprehensive organisational transparency."
     assert M.flesch_reading_ease(hard) < 0 < M.flesch_reading_ease("I see a dog. It is red. We run.")
     assert M.flesch_reading_ease("  ...  ") is None
-    assert [M.syllables(w) for w in ["the", "table", "hoped", "wanted", "beautiful", "readability"]] == [1, 2, 1, 2, 3, 5]
+    words = ["the", "table", "hoped", "wanted", "beautiful", "readability"]
+    assert [M.syllables(w) for w in words] == [1, 2, 1, 2, 3, 5]
 
 
 # ------------------------------------------------------------------------------------------ scorer
@@ -162,7 +163,8 @@ def test_quality_probe_with_planted_generations(monkeypatch, tmp_path, tokenizer
     outs = {"a": "The cat sat on the mat.", "b": "The quick brown fox jumps over the lazy dog.", "c": ""}
     monkeypatch.setattr(G, "greedy_generate", lambda m, t, prompts, *a, **k: [outs[p[-1]] for p in prompts])
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": x} for x in "abc"])
-    s = build_probe("quality", {"path": str(path), "template": "raw", "scorer": "builtins:len"}).score(None, tokenizer, ctx)
+    probe = build_probe("quality", {"path": str(path), "template": "raw", "scorer": "builtins:len"})
+    s = probe.score(None, tokenizer, ctx)
     assert s.value == pytest.approx((116.145 + 94.3) / 2, abs=0.01) and s.n == 2 and s.extra["no_words"] == 1
     assert s.extra["scorer_mean"] == pytest.approx((23 + 44 + 0) / 3)
     assert s.extra["words_mean"] == pytest.approx(5) and s.higher_is_better
@@ -328,10 +330,11 @@ def test_kl_works_with_prompt_tuning(tiny, tokenizer, tmp_path, ctx):
     assert 0 < s.value < 10 and math.isfinite(s.ci_high)
 
 
-def peaked_model(folder: Path, scale: float = 100.0):
+def peaked_model(folder: Path, scale: float):
     """An untied tiny Llama whose output layer is scaled so next-token distributions are peaked, like a
-    trained LM's (the default init gives near-uniform distributions over 49k tokens, where the top-32
-    support holds ~0.1% of the mass and the estimator sees almost nothing)."""
+    trained LM's. The default init gives near-uniform distributions over 49k tokens (the top 32 hold ~0.1%
+    of the mass), which no top-k cache can summarise. At scale 30 the base leaves ~18% of its mass outside
+    its top 32 (SmolLM2-135M on Wikipedia text: 11%); at scale 100, 0.005%."""
     if not (folder / "config.json").exists():
         build_tiny_model(folder, tie=False)
     model = load(folder)
@@ -349,21 +352,48 @@ def perturbed(model, noise: float, seed: int = 1):
     return out
 
 
-def test_topk_kl_matches_full_vocabulary_kl(tmp_path_factory, tokenizer, tmp_path, ctx):
+@pytest.fixture(scope="module")
+def peaked_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("peaked"), tie=False)
+
+
+@pytest.mark.parametrize("scale", [30.0, 100.0])
+def test_topk_kl_matches_full_vocabulary_kl(scale, peaked_dir, tokenizer, tmp_path, ctx):
     from sftlab.probes.kl import full_vocab_kl
     from sftlab.probes.likelihood import text_examples
 
-    base = peaked_model(tmp_path_factory.mktemp("peaked"))
+    base = peaked_model(peaked_dir, scale)
     model = perturbed(base, 0.05)
-    s = kl_probe(text_file(tmp_path / "t.jsonl")).score(model, tokenizer, dataclasses.replace(ctx, base_model=base))
     examples = text_examples(tokenizer, TEXTS, 48)
     exact = full_vocab_kl(base, model, examples, tokenizer.pad_token_id, 4, "cpu")
     full = sum(x for x, _ in exact) / sum(n for _, n in exact)
     assert 0.05 < full < 5  # a real divergence, not a rounding error
-    assert s.extra["positions"] == sum(n for _, n in exact)
-    assert s.value <= full * (1 + 1e-9)  # a lower bound (data-processing inequality) ...
-    assert s.value == pytest.approx(full, rel=0.01)  # ... within 1% when the base puts little mass outside its top-k
-    assert s.extra["base_rest_mass"] < 0.01
+    ctx = dataclasses.replace(ctx, base_model=base)
+    path = text_file(tmp_path / "t.jsonl")
+    est = kl_probe(path).score(model, tokenizer, ctx)  # default: top-32 + rest + 32 sampled tail tokens
+    assert est.extra["positions"] == sum(n for _, n in exact) and est.extra["tail_samples"] == 32
+    assert est.value == pytest.approx(full, rel=0.01)
+    # top-k + rest alone is a lower bound (data-processing inequality), within 1% only when the base
+    # leaves little mass outside its top k; at scale 30 it reads ~20% low, which the tail samples correct
+    bound = build_probe("kl_to_base", {"path": str(path), "k": 32, "tail_samples": 0, "max_length": 48})
+    low = bound.score(model, tokenizer, ctx)
+    assert low.value <= full * (1 + 1e-9)
+    if est.extra["base_rest_mass"] < 0.01:
+        assert low.value == pytest.approx(full, rel=0.01)
+    else:
+        assert low.value < 0.95 * full
+
+
+def test_general_passages_are_fixed():
+    from sftlab.probes.texts import general_passages
+
+    from sftlab.errors import SftlabError
+
+    try:
+        a = general_passages(5)
+    except SftlabError as e:  # the offline Wikipedia package is not installed
+        pytest.skip(str(e))
+    assert a == general_passages(5) and all(200 <= len(t) <= 1200 for t in a) and len(set(a)) == 5
 
 
 def test_kl_cache_reused_and_invalidated(tiny, tokenizer, tmp_path, ctx):

@@ -18,15 +18,12 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..configtools import ConfigError, from_dict
 from ..errors import SftlabError
 from ..models import cache_root
 from ..registry import Registry
-
-Kind = Literal["task", "retention"]
-
 
 class ProbeError(SftlabError):
     """A probe that cannot run as configured (bad data file, bad scorer path, no base model, ...)."""

@@ -29,8 +29,8 @@ class ChoiceOptions:
     score_name: str = doc("name of the score in trajectory.jsonl (default: choice)", default="")
 
     def __post_init__(self):
-        check(bool(self.path), "probes.choice.path", "give the data file to score")
-        check(self.limit >= 0, "probes.choice.limit", "must be >= 0")
+        check(bool(self.path), "path", "choice needs the data file to score")
+        check(self.limit >= 0, "limit", "must be >= 0")
 
 
 def parse_row(row: dict, place: str) -> tuple[list[str], int]:

@@ -1,10 +1,12 @@
 """classify: label scoring - each label's verbalizer scored as the assistant's answer, argmax wins.
 
 Rows hold a prompt (`prompt`, or `messages` whose final assistant turn, if any, is dropped) and a
-gold `label`. For every row and every label, the log-likelihood of that label's verbalizer as the
-answer (sum of its token log-probs, plus the end-of-turn token under a chat template) is computed in
-one batched forward pass per batch; the prediction is the label with the highest score, so the model
-never has to produce the exact string. This is the usual form for sentence-level categorisation.
+gold `label` (or, without one, the final assistant turn of `messages`: a chat eval file works as is).
+For every row and every label, the log-likelihood of that label's verbalizer as the answer (sum of
+its token log-probs, plus the end-of-turn token under a chat template) is computed in batched
+forward passes (rows x labels sequences, each prompt repeated per label); the prediction is the
+label with the highest score, so the model never has to produce the exact string. This is the usual
+form for sentence-level categorisation.
 
 Value: accuracy (bootstrap CI over rows). Extra: macro-F1 (with CI), per-class F1, confusion counts,
 and the majority-class baseline (accuracy of always answering the most frequent gold label).
@@ -28,7 +30,8 @@ class ClassifyOptions:
                             default_factory=list)
     verbalizers: dict[str, str] = doc("label -> the answer text scored for it (default: the label itself)",
                                       default_factory=dict)
-    label_field: str = doc("field holding the gold label", default="label")
+    label_field: str = doc("field holding the gold label (absent: the final assistant turn of 'messages')",
+                           default="label")
     kind: Literal["task", "retention"] = doc("what the accuracy measures", default="task")
     limit: int = doc("score a fixed seeded subset of this many rows (0: all)", default=0)
     max_length: int = doc("maximum tokens per prompt + answer (prompts are left-truncated first)", default=512)
@@ -36,11 +39,11 @@ class ClassifyOptions:
     score_name: str = doc("name of the score in trajectory.jsonl (default: classify)", default="")
 
     def __post_init__(self):
-        check(bool(self.path), "probes.classify.path", "give the data file to score")
-        check(self.limit >= 0, "probes.classify.limit", "must be >= 0")
+        check(bool(self.path), "path", "classify needs the data file to score")
+        check(self.limit >= 0, "limit", "must be >= 0")
         unknown = sorted(set(self.verbalizers) - set(self.labels)) if self.labels else []
-        check(not unknown, "probes.classify.verbalizers", f"{unknown} are not in labels; add them or fix the names")
-        check(len(set(self.labels)) == len(self.labels), "probes.classify.labels", "has duplicates")
+        check(not unknown, "verbalizers", f"{unknown} are not in labels; add them or fix the names")
+        check(len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
 
 
 def encode_pairs(gold: list[str], pred: list[str], labels: list[str]) -> list[float]:
@@ -70,16 +73,14 @@ class Classify(BaseProbe):
     cheap = True
 
     def rows(self, seed: int):
-        from .texts import prompt_messages, read_rows
+        from .texts import prompt_messages, read_rows, reference
 
         o = self.options
         rows = read_rows(o.path, "probes.classify.path")
         rows = [rows[i] for i in subset(len(rows), o.limit, seed)]
         prompts, gold, places = [], [], []
         for place, row in rows:
-            lab = row.get(o.label_field)
-            if not isinstance(lab, str):
-                raise DataError(f"{place}: expected a string label in '{o.label_field}', got {lab!r}")
+            lab = reference(row, place, (o.label_field,))  # or the final assistant turn of `messages`
             prompts.append(prompt_messages(row, place))
             gold.append(lab)
             places.append(place)

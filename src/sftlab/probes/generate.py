@@ -35,9 +35,9 @@ class GenerateOptions:
     score_name: str = doc("name of the score in trajectory.jsonl (default: generate)", default="")
 
     def __post_init__(self):
-        check(bool(self.path), "probes.generate.path", "give the data file to score")
-        check(self.max_new_tokens >= 1, "probes.generate.max_new_tokens", "must be >= 1")
-        check(self.limit >= 0 and self.samples >= 0, "probes.generate.limit", "limit and samples must be >= 0")
+        check(bool(self.path), "path", "generate needs the data file to score")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.limit >= 0 and self.samples >= 0, "limit", "limit and samples must be >= 0")
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device,
@@ -52,10 +52,10 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(getattr(model, "generation_config", None),
                                                           "eos_token_id", None)))
     eos.discard(None)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id(tokenizer),
+    pad = pad_id(tokenizer)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                                eos_token_id=sorted(eos) or None)
     out: list[str] = [""] * len(prompts)
-    pad = pad_id(tokenizer)
     with scoring(model):
         for idx in length_batches(enc_all, batch_size, length=len):
             L = max(len(enc_all[i]) for i in idx)
@@ -105,11 +105,11 @@ class Generate(BaseProbe):
     def score(self, model, tokenizer, ctx: ProbeContext):
         import numpy as np
 
-        o = self.options
-        prompts, refs, places = load_prompts(o.path, "probes.generate.path", o.limit, ctx.seed, o.template,
-                                             tokenizer, need_reference=True)
         from ..data.tokenize import use_chat_template
 
+        o = self.options
+        prompts, refs, places = load_prompts(o.path, "path", o.limit, ctx.seed, o.template,
+                                             tokenizer, need_reference=True)
         raw = not use_chat_template(tokenizer, o.template)
         preds = greedy_generate(model, tokenizer, prompts, o.max_new_tokens, ctx.batch_size,
                                 ctx.resolve_device(model), add_special_tokens=raw)

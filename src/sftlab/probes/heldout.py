@@ -27,9 +27,9 @@ class HeldoutOptions:
     score_name: str = doc("name of the score in trajectory.jsonl (default: heldout_loss)", default="")
 
     def __post_init__(self):
-        check(bool(self.path), "probes.heldout_loss.path", "give the data file to score")
-        check(self.limit >= 0, "probes.heldout_loss.limit", "must be >= 0")
-        check(self.max_length >= 8, "probes.heldout_loss.max_length", "must be >= 8")
+        check(bool(self.path), "path", "heldout_loss needs the data file to score")
+        check(self.limit >= 0, "limit", "must be >= 0")
+        check(self.max_length >= 8, "max_length", "must be >= 8")
 
 
 class HeldoutLoss(BaseProbe):

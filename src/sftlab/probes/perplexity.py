@@ -26,9 +26,9 @@ class PerplexityOptions:
     score_name: str = doc("name of the score in trajectory.jsonl (default: perplexity)", default="")
 
     def __post_init__(self):
-        check(self.n >= 1, "probes.perplexity.n", "must be >= 1")
-        check(self.limit >= 0, "probes.perplexity.limit", "must be >= 0")
-        check(self.max_length >= 2, "probes.perplexity.max_length", "must be >= 2")
+        check(self.n >= 1, "n", "must be >= 1")
+        check(self.limit >= 0, "limit", "must be >= 0")
+        check(self.max_length >= 2, "max_length", "must be >= 2")
 
 
 def general_or_file(path: str, n: int, limit: int, seed: int, what: str) -> list[str]:

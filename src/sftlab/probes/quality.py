@@ -34,10 +34,10 @@ class QualityOptions:
     score_name: str = doc("name of the score in trajectory.jsonl (default: quality)", default="")
 
     def __post_init__(self):
-        check(bool(self.path), "probes.quality.path", "give the prompts to answer")
-        check(self.metric != "scorer" or bool(self.scorer), "probes.quality.scorer",
+        check(bool(self.path), "path", "quality needs a file of prompts to answer")
+        check(self.metric != "scorer" or bool(self.scorer), "scorer",
               "metric is 'scorer': give the function as 'package.module:function'")
-        check(self.max_new_tokens >= 1, "probes.quality.max_new_tokens", "must be >= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
 
 
 def load_scorer(path: str, what: str = "probes.quality.scorer") -> Callable[[str], float]:
@@ -91,13 +91,14 @@ class Quality(BaseProbe):
         from .generate import greedy_generate, load_prompts
 
         o = self.options
-        prompts, _, places = load_prompts(o.path, "probes.quality.path", o.limit, ctx.seed, o.template, tokenizer,
+        prompts, _, places = load_prompts(o.path, "path", o.limit, ctx.seed, o.template, tokenizer,
                                           need_reference=False)
         raw = not use_chat_template(tokenizer, o.template)
         outs = greedy_generate(model, tokenizer, prompts, o.max_new_tokens, ctx.batch_size, ctx.resolve_device(model),
                                add_special_tokens=raw)
         flesch = [flesch_reading_ease(t) for t in outs]
-        values = {"flesch": [f for f in flesch if f is not None], "words": [float(text_stats(t)["words"]) for t in outs]}
+        values = {"flesch": [f for f in flesch if f is not None],
+                  "words": [float(text_stats(t)["words"]) for t in outs]}
         if self.scorer is not None:
             values["scorer"] = [apply_scorer(self.scorer, t, o.scorer) for t in outs]
         chosen = values[o.metric]
