@@ -179,21 +179,11 @@ def export_at(run, step: int | None, alpha: float, out: str | Path, merge: bool 
         from .runs import export
 
         return export(str(run.dir), step, str(out), merge)
-    dest = Path(out)
-    if dest.exists() and any(dest.iterdir()):
-        raise SftlabError(f"{dest}: exists and is not empty; choose another output folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from .runs import atomic_folder
+
+    with atomic_folder(out) as tmp:
         _write_at(run, step, a, tmp, merge or not run.method.peft)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
-        raise
-    if dest.exists():
-        dest.rmdir()
-    tmp.rename(dest)
-    return dest
+    return Path(out)
 
 
 def _write_at(run, step, alpha: float, tmp: Path, merged: bool) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -91,28 +92,34 @@ class Run:
         return model, tok
 
 
-def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
-    run = Run(run_dir)
-    entry = run.checkpoint(step)
+@contextlib.contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only when the block succeeds (nothing half-written)."""
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()):
         raise SftlabError(f"{dest}: exists and is not empty; choose another output folder")
-    if merge and run.method.peft and run.method.merge is None:
-        raise SftlabError(f"method {run.method.name!r} adds virtual tokens, it has no weights to merge; "
-                          "export it without --merge (as an adapter)")
-    base = run.base_ref()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_export(run, entry, base, tmp, merge)
+        yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dest.exists():
         dest.rmdir()
     tmp.rename(dest)
-    return dest
+
+
+def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
+    run = Run(run_dir)
+    entry = run.checkpoint(step)
+    if merge and run.method.peft and run.method.merge is None:
+        raise SftlabError(f"method {run.method.name!r} adds virtual tokens, it has no weights to merge; "
+                          "export it without --merge (as an adapter)")
+    with atomic_folder(out) as tmp:
+        _write_export(run, entry, run.base_ref(), tmp, merge)
+    return Path(out)
 
 
 def _write_export(run: Run, entry: dict, base: ModelRef, tmp: Path, merge: bool) -> None:
