@@ -38,8 +38,11 @@ def sftlab_commit() -> str | None:
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=5).stdout.strip()
+    try:
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # a huge work tree must not stop a training run
+        return out.stdout.strip() + "+unknown"
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
