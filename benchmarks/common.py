@@ -22,6 +22,21 @@ DEFAULT_MODEL_FALLBACK = "/tmp/smol"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def add_run_args(p) -> None:
+    """The arguments every single-run benchmark script takes (trl_run.py, sftlab_run.py)."""
+    p.add_argument("--model", default=None, help="safetensors model folder (default: sftlab's embedded SmolLM2)")
+    p.add_argument("--data", required=True, help="JSONL of {'messages': [...]} chats")
+    p.add_argument("--method", choices=["lora", "full"], default="lora")
+    p.add_argument("--policy", choices=["padded", "packed"], default="padded")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True, help="result JSON")
+
+
 def default_model() -> str:
     """sftlab's embedded SmolLM2-135M-Instruct as a safetensors folder, else /tmp/smol."""
     try:

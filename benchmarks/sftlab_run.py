@@ -30,17 +30,7 @@ import common  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="safetensors model folder (default: sftlab's embedded SmolLM2)")
-    p.add_argument("--data", required=True, help="JSONL of {'messages': [...]} chats")
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
-    p.add_argument("--policy", choices=["padded", "packed"], default="padded")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", required=True, help="result JSON")
+    common.add_run_args(p)
     p.add_argument("--timeout", type=float, default=3600, help="seconds before the run is killed")
     p.add_argument("--sftlab-cmd", default=None,
                    help="command that starts sftlab's CLI (default: the `sftlab` script next to this Python, "

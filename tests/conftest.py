@@ -16,8 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_tiny_model(folder: Path, seed: int = 0, tie: bool = True, layers: int = 2, hidden: int = 64,
-                     dropout: float = 0.0) -> Path:
-    """A 2-layer Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
+                     dropout: float = 0.0, init: float = 0.02, adjust=None) -> Path:
+    """A 2-layer Llama with the real SmolLM2 tokenizer, saved as an HF folder.
+
+    `init` is the weights' initializer range; `adjust(model)` may reshape the initial weights (no grad)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -25,9 +27,12 @@ def build_tiny_model(folder: Path, seed: int = 0, tie: bool = True, layers: int 
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                      attention_dropout=dropout, max_position_embeddings=1024)
+                      attention_dropout=dropout, max_position_embeddings=1024, initializer_range=init)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
     return folder

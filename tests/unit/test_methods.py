@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKENIZER_DIR, memorisable_chats, write_jsonl
+from conftest import build_tiny_model, memorisable_chats, write_jsonl
 from sftlab.config import config_from_dict
 from sftlab.configtools import ConfigError
 from sftlab.methods import METHODS
@@ -52,21 +52,11 @@ def build_learnable_model(folder: Path, hidden: int = 64, init: float = 0.1, emb
     final norm's weight is raised so random logits have std `logit_scale`: the start loss stays near
     ln(vocab) + logit_scale²/2 ≈ 12 while a well-aligned hidden state can score ~hidden·logit_scale/sqrt(hidden).
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=2, initializer_range=init, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
+    def adjust(model):
         model.model.embed_tokens.weight.normal_(0.0, embed_std)
         model.model.norm.weight.fill_(logit_scale / (math.sqrt(hidden) * embed_std))
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    return folder
+
+    return build_tiny_model(folder, hidden=hidden, init=init, adjust=adjust)
 
 
 @pytest.fixture(scope="module")
