@@ -99,6 +99,9 @@ class TrainSection:
     eval_every: int = doc("held-out loss every k steps (0: only at the end)", default=0)
     log_every: int = doc("write metrics.jsonl every k steps", default=1)
     threads: int = doc("CPU threads for torch (0: torch's default)", default=0)
+    max_bad_steps: int = doc(
+        "a step whose loss or gradient is NaN/inf is skipped (not applied, counted as 'skipped' in "
+        "metrics.jsonl); after this many in a row the run stops, keeping its last good checkpoint", default=5)
 
     def __post_init__(self):
         check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -111,6 +114,7 @@ class TrainSection:
               "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        check(self.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
 
 
 @dataclass

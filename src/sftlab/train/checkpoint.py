@@ -13,15 +13,22 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import SftlabError
 from ..objectives import unwrap
 
 RESUME = "resume"
+# Test-only: seconds to sleep after a trajectory checkpoint's files are written and before the rename, so
+# a test can kill the process at that exact moment (tests/integration/test_crash.py). Never set it otherwise.
+PAUSE_ENV = "SFTLAB_TEST_PAUSE_CHECKPOINT"
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports ENOSPC/EACCES as its own error type
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -70,31 +77,93 @@ def save_weights(model, peft: bool, folder: Path) -> None:
 
 def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | None = None,
                      before_rename=None) -> dict:
-    """Write checkpoints/step-N atomically and append its line to trajectory.jsonl."""
+    """Write checkpoints/step-N atomically and append its line to trajectory.jsonl.
+
+    The folder appears only complete (rename), and the line only after it; a failed write (disk full,
+    unwritable folder) leaves neither and raises a SftlabError that names the folder and the free space."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         save_weights(model, peft, tmp)
         _fsync_tree(tmp)
         digest = hash_files(tmp)
         if before_rename is not None:  # test hook: a moment where the checkpoint is half-done
             before_rename(tmp)
-        if final.exists():  # a rerun of a step after resume: replace the old copy
+        _test_pause(tmp)
+        if final.exists():  # a rerun of a step after resume: replace the old copy (it has no line any more)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WRITE_ERRORS):
+            raise write_error(final.parent, f"checkpoint {final.name}", e, run_dir) from e
         raise
     entry = {"step": step, "path": str(final.relative_to(run_dir)), "sha256": digest, "time": time.time(),
              **(extra or {})}
-    with open(run_dir / "trajectory.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        append_jsonl(run_dir / "trajectory.jsonl", entry)
+    except OSError as e:  # no line, no checkpoint: do not leave a folder that looks complete
+        shutil.rmtree(final, ignore_errors=True)
+        raise write_error(run_dir, f"the trajectory line of {final.name}", e, run_dir) from e
     return entry
+
+
+def _test_pause(tmp: Path) -> None:
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        print(f"sftlab-test: checkpoint paused before rename: {tmp}", file=sys.stderr, flush=True)
+        time.sleep(seconds)
+
+
+def write_error(folder: Path, what: str, e: BaseException, run_dir: Path) -> SftlabError:
+    """One line: where, why (disk full, permission, ...), free space, and how to go on."""
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    try:
+        free = f"{shutil.disk_usage(folder if folder.exists() else run_dir.parent).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return SftlabError(f"{folder}: cannot write {what} ({reason}; {free} there); nothing partial was kept. Free "
+                       "disk space or make the folder writable (or move run.output_dir), then continue with: "
+                       f"sftlab train {run_dir / 'config.yaml'} --resume")
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one line durably. A torn last line (a crash or a full disk mid-write) is closed first, so it
+    stays one bad line that readers skip instead of swallowing this one; a failed append is rolled back."""
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        prefix = b""
+        if size:
+            f.seek(size - 1)
+            prefix = b"" if f.read(1) == b"\n" else b"\n"
+        try:
+            f.write(prefix + (json.dumps(row) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            f.truncate(size)
+            raise
+
+
+def clean_incomplete(run_dir: Path, keep_until: int) -> list[str]:
+    """Before a resumed run goes on from step `keep_until`: drop trajectory lines of later steps (those
+    steps are trained again), then every folder that is not a recorded checkpoint (temp folders of a
+    killed writer, a step folder renamed but never recorded, later steps). Lines go first, so a kill
+    in between leaves extra folders, never a line without its folder. Returns the names removed."""
+    truncate_jsonl(run_dir / "trajectory.jsonl", keep_until)
+    recorded = {Path(e["path"]).name for e in read_trajectory(run_dir) if "path" in e}
+    removed = []
+    for parent, pattern in ((run_dir / "checkpoints", "*"), (run_dir, ".tmp-*"), (run_dir, ".*.tmp")):
+        for p in sorted(parent.glob(pattern)) if parent.is_dir() else []:
+            if parent.name == "checkpoints" and p.name in recorded:
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(str(p.relative_to(run_dir)))
+    return removed
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
@@ -142,26 +211,37 @@ def save_resume(run_dir: Path, model, optimizer, scheduler, position: dict) -> N
     """Replace the rolling resume folder atomically: write new, swap, then delete old."""
     final = run_dir / RESUME
     tmp = run_dir / f".tmp-{RESUME}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "state.pt")
+        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                    tmp / "state.pt")
         (tmp / "position.json").write_text(json.dumps({**position, "python_rng": _py_rng_state()}))
         _fsync_tree(tmp)
         old = run_dir / f".old-{RESUME}"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # a crash before this leaves .old-resume, which find_resume falls back to
         _fsync_dir(run_dir)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WRITE_ERRORS):
+            raise write_error(run_dir, "the resume state", e, run_dir) from e
         raise
+
+
+def _torch_save(obj, path: Path) -> None:
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write (disk full, I/O error) as a RuntimeError without an
+        # errno ("[enforce fail at inline_container.cc] unexpected pos ..."); it is a write error.
+        raise OSError(f"torch.save failed: {str(e).strip().splitlines()[0]}") from e
 
 
 def find_resume(run_dir: Path) -> Path | None:

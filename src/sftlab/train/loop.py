@@ -101,9 +101,11 @@ class Trainer:
     """Holds the state of one run; `run()` is the loop.
 
     `hooks` are for tests and tools that must act at exact points (they are not callbacks: a hook may
-    raise, e.g. to simulate a crash). Known names: "after_setup"(trainer); "before_optimizer_step"(trainer),
-    when the gradients are final (reduced and clipped); "after_step"(trainer, step, metrics), after that
-    step's checkpoint; "before_rename"(tmp_checkpoint_dir).
+    raise, e.g. to simulate a crash). Known names: "after_setup"(trainer); "after_backward"(trainer), when
+    the step's gradients are accumulated and reduced, before the finite check and clipping (a test may poison
+    them here); "before_optimizer_step"(trainer), when the gradients are final (reduced and clipped) and
+    the step is applied (not called for a skipped non-finite step); "after_step"(trainer, step, metrics),
+    after that step's checkpoint; "before_rename"(tmp_checkpoint_dir).
     """
 
     def __init__(self, cfg: RunConfig, resume: bool = False, hooks: dict | None = None):
@@ -155,7 +157,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.train.schedule, warmup, self.total_steps))
         self.eval_batches = self._eval_batches()
-        self.pos = {"step": 0, "epoch": 0, "micro": 0}
+        self.pos = {"step": 0, "epoch": 0, "micro": 0, "skipped": 0, "bad_in_row": 0}
         self._hook("after_setup", self)
 
     def _hook(self, name: str, *args) -> None:
@@ -171,7 +173,7 @@ class Trainer:
     def _write_start(self) -> None:
         found = ckpt.find_resume(self.run_dir) if self.resume else None
         if found is not None:
-            self.pos = ckpt.load_resume(found, self.model, self.optimizer, self.scheduler)
+            self.pos = {**self.pos, **ckpt.load_resume(found, self.model, self.optimizer, self.scheduler)}
         if not self.dist.main:
             return
         if found is None:  # a fresh run, or a resume before any resume state was saved: start over
@@ -183,8 +185,11 @@ class Trainer:
             write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), self.params)
         else:
             print(f"sftlab: resuming {self.run_dir} at step {self.pos['step']}")
-        if self.resume:  # steps after the resume point are trained again: drop their old lines
+        if self.resume:  # steps after the resume point are trained again: drop their old lines and folders
             ckpt.truncate_jsonl(self.run_dir / "metrics.jsonl", self.pos["step"])
+            removed = ckpt.clean_incomplete(self.run_dir, self.pos["step"])
+            if removed:
+                print(f"sftlab: removed what a crash left behind or the resumed steps replace: {', '.join(removed)}")
 
     # ---- the loop ---------------------------------------------------------------------------
     def next_micro_batches(self) -> list[dict]:
@@ -222,20 +227,44 @@ class Trainer:
                     loss, m = self.objective(hidden, batch["targets"], head, float(n_trained) / world)
                 loss.backward()
             loss_sum += m["loss_sum"]
+        self._hook("after_backward", self)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # the norm before clipping
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
-        self._hook("before_optimizer_step", self)
-        self.optimizer.step()
-        self.scheduler.step()
+        loss_sum, bad = self._global_loss_and_verdict(loss_sum, grad_norm)
+        if bad:
+            self._skip_step()
+        else:
+            self._hook("before_optimizer_step", self)
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            t = torch.tensor([loss_sum], device=dev)
-            dist.all_reduce(t)
-            loss_sum = float(t)
         return {"loss": loss_sum / max(float(n_trained), 1.0), "grad_norm": grad_norm, "lr": lr,
-                "tokens": int(n_tokens), "trained_tokens": int(n_trained)}
+                "tokens": int(n_tokens), "trained_tokens": int(n_trained), "skipped": bad}
+
+    def _global_loss_and_verdict(self, loss_sum: float, grad_norm: float) -> tuple[float, bool]:
+        """The step's loss summed over processes, and whether the step is bad (non-finite loss or gradient).
+
+        Under DDP every process must take the same decision, or their weights drift apart: the verdict
+        travels in the same all_reduce as the loss, so a NaN on any rank makes every rank skip."""
+        bad = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        if self.dist.world > 1:
+            t = torch.tensor([loss_sum, float(bad)], device=self.dist.device)
+            dist.all_reduce(t)
+            loss_sum, bad = float(t[0]), bool(t[1] > 0) or not math.isfinite(float(t[0]))
+        return loss_sum, bad
+
+    def _skip_step(self) -> None:
+        """A non-finite step is not applied: weights and optimizer moments stay as they were. Its micro-
+        batches are consumed and the scheduler still moves on, so data order, RNG draws and the
+        learning rate stay functions of the step number, exactly as in a run resumed from any point."""
+        import warnings
+
+        with warnings.catch_warnings():
+            # torch warns when the scheduler steps before the first optimizer step: here that is on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
 
     def run(self) -> Path:
         try:
@@ -270,12 +299,15 @@ class Trainer:
             metrics = self.train_step(self.next_micro_batches())
             self.pos["step"] += 1
             step = self.pos["step"]
+            self._count_bad(metrics)
             dt = time.time() - t0
             metrics.update(step_time=dt, tokens_per_s=metrics["tokens"] / dt,
                            peak_mem_mb=peak_memory_mb(d.device), elapsed=time.time() - t_start,
-                           epoch=self.pos["epoch"])
+                           epoch=self.pos["epoch"], skipped_steps=self.pos["skipped"])
             for cb in cbs:
                 cb.on_step_end(step, metrics)
+            if self.pos["bad_in_row"] >= cfg.train.max_bad_steps:
+                self._stop_on_bad_steps(cbs)
             last = step == self.total_steps
             if self.eval_batches and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
                 em = eval_loss(self.model, self.eval_batches, d.device)
@@ -284,10 +316,36 @@ class Trainer:
             self._maybe_checkpoint(step, last, cbs)
             self._hook("after_step", self, step, metrics)
         for cb in cbs:
-            cb.on_train_end(self.pos["step"], {})
+            cb.on_train_end(self.pos["step"], {"skipped_steps": self.pos["skipped"]})
+        if d.main and self.pos["skipped"]:
+            print(f"sftlab: {self.pos['skipped']} of {self.pos['step']} steps had a non-finite loss or gradient "
+                  "and were skipped (see 'skipped' in metrics.jsonl)")
         if d.world > 1:
             dist.barrier()
         return self.run_dir
+
+    def _count_bad(self, metrics: dict) -> None:
+        """Skipped steps in total and in a row; both live in the position, so a resumed run counts on."""
+        self.pos.setdefault("skipped", 0)
+        self.pos.setdefault("bad_in_row", 0)
+        if metrics["skipped"]:
+            self.pos["skipped"] += 1
+            self.pos["bad_in_row"] += 1
+        else:
+            self.pos["bad_in_row"] = 0
+
+    def _stop_on_bad_steps(self, cbs) -> None:
+        """Stop cleanly: no checkpoint of this step; the trajectory and resume state keep the last good ones."""
+        for cb in cbs:
+            cb.on_train_end(self.pos["step"], {"skipped_steps": self.pos["skipped"]})
+        n, step = self.pos["bad_in_row"], self.pos["step"]
+        last = ckpt.read_trajectory(self.run_dir)
+        kept = f"the last checkpoint is {last[-1]['path']}" if last else "no checkpoint was written yet"
+        raise SftlabError(f"{self.run_dir}: stopped at step {step}: {n} steps in a row (steps {step - n + 1}-"
+                          f"{step}) had a non-finite loss or gradient and were skipped (train.max_bad_steps="
+                          f"{self.cfg.train.max_bad_steps}); the weights are those of step {step - n}, the last "
+                          f"applied step, and {kept}. Lower train.lr, keep train.max_grad_norm > 0 or use "
+                          "train.precision=fp32 in a new run, or raise train.max_bad_steps and --resume")
 
     def _maybe_checkpoint(self, step: int, last: bool, cbs) -> None:
         c = self.cfg.checkpoint

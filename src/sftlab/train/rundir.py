@@ -148,7 +148,7 @@ def _flatten(d, prefix=""):
 
 # Changing these does not change what the resumed steps compute.
 RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "train.eval_every", "train.log_every", "train.threads",
-                     "logging.", "checkpoint.")
+                     "train.max_bad_steps", "logging.", "checkpoint.")
 
 
 def check_resume_config(run_dir: Path, cfg) -> None:
