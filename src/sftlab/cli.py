@@ -90,6 +90,13 @@ def cmd_rewind(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import render_report
+
+    print(render_report(args.path, args.output))
+    return 0
+
+
 def cmd_setup(args) -> int:
     from .assets import prepare_assets
 
@@ -172,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--retention", default=None)
     rw.add_argument("-o", "--output", default=None, help="export the chosen point here")
     rw.set_defaults(fn=cmd_rewind)
+
+    rp = sub.add_parser("report", help="a run or arena folder -> one self-contained HTML page with plots")
+    rp.add_argument("path", help="run folder or arena folder")
+    rp.add_argument("-o", "--output", default=None, help="where to write (default: PATH/report.html)")
+    rp.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
     s.set_defaults(fn=cmd_setup)
