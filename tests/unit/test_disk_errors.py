@@ -1,0 +1,179 @@
+"""A full disk or an unwritable folder while writing a checkpoint: one clear error naming the folder and
+the free space, no partial checkpoint left as if complete, the lock released, and --resume goes on.
+
+ENOSPC is simulated by monkeypatching the writers (always runs); where this process may mount a small
+tmpfs (root in a privileged container), a real full disk is tried too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+from conftest import memorisable_chats, tiny_config, write_jsonl
+from sftlab.errors import SftlabError
+from sftlab.train import checkpoint as ckpt
+from sftlab.train.checkpoint import append_jsonl, hash_files, read_trajectory
+from sftlab.train.loop import Trainer
+
+
+def config(tmp_path, model_dir, out=None, method=None, steps=6):
+    data = write_jsonl(tmp_path / "chats.jsonl", memorisable_chats(12))
+    return tiny_config(tmp_path, model_dir, data, method=method,
+                       run={"name": "run", "output_dir": str(out or tmp_path / "runs")},
+                       train={"steps": steps, "batch_size": 4, "threads": 1}, checkpoint={"every": 2})
+
+
+def failing_at(step: int, error: BaseException, real=ckpt.save_weights):
+    """save_weights that writes half a checkpoint at `step`, then fails like a full disk."""
+
+    def save(model, peft, folder):
+        if folder.name.startswith(f".tmp-step-{step:06d}"):
+            (folder / "adapter_model.safetensors").write_bytes(b"\0" * 100)  # a torn file
+            raise error
+        real(model, peft, folder)
+
+    return save
+
+
+def assert_only_complete_checkpoints(run, steps):
+    entries = read_trajectory(run)
+    assert [e["step"] for e in entries] == steps
+    for e in entries:
+        assert hash_files(run / e["path"]) == e["sha256"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in steps]
+    assert not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
+
+
+def assert_one_clear_line(msg, folder):
+    assert "\n" not in msg
+    assert msg.startswith(f"{folder}: cannot write ")
+    assert "MiB free there" in msg and "nothing partial was kept" in msg
+    assert "config.yaml --resume" in msg
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    ckpt.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+], ids=["oserror", "safetensors"])
+def test_disk_full_during_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch, error):
+    cfg = config(tmp_path, tiny_model_dir)
+    monkeypatch.setattr(ckpt, "save_weights", failing_at(4, error))
+    with pytest.raises(SftlabError) as e:
+        Trainer(cfg).run()
+    msg = str(e.value)
+    assert_one_clear_line(msg, cfg.run_dir / "checkpoints")
+    assert "checkpoint step-000004" in msg and "No space left on device" in msg
+    assert_only_complete_checkpoints(cfg.run_dir, [2])
+    monkeypatch.undo()  # space freed: the run goes on from its last resume state
+    Trainer(cfg, resume=True).run()
+    assert_only_complete_checkpoints(cfg.run_dir, [2, 4, 6])
+
+
+def test_disk_full_during_the_resume_state_keeps_the_previous_one(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = config(tmp_path, tiny_model_dir)
+    real = ckpt.torch.save
+    calls = []
+
+    def save(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:  # the resume state of step 4; torch reports a full disk like this
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    with pytest.raises(SftlabError) as e:
+        Trainer(cfg).run()
+    assert_one_clear_line(str(e.value), cfg.run_dir)
+    assert "the resume state (torch.save failed" in str(e.value)
+    assert ckpt.find_resume(cfg.run_dir) == cfg.run_dir / "resume"
+    assert '"step": 2' in (cfg.run_dir / "resume" / "position.json").read_text()
+    assert not list(cfg.run_dir.glob(".tmp-*"))
+
+
+def test_unwritable_checkpoint_folder_simulated(tmp_path, tiny_model_dir, monkeypatch):
+    """Permission denied where the checkpoint goes (simulated, so it also runs as root)."""
+    cfg = config(tmp_path, tiny_model_dir)
+    real_mkdir = type(tmp_path).mkdir
+
+    def mkdir(self, *a, **kw):
+        if self.name.startswith(".tmp-step-"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *a, **kw)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", mkdir)
+    with pytest.raises(SftlabError) as e:
+        Trainer(cfg).run()
+    assert_one_clear_line(str(e.value), cfg.run_dir / "checkpoints")
+    assert "Permission denied" in str(e.value)
+    assert not (cfg.run_dir / "trajectory.jsonl").exists() and not (cfg.run_dir / ".lock").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="running as root: chmod does not stop root from writing (the simulated variant covers it)")
+def test_unwritable_checkpoint_folder_by_chmod(tmp_path, tiny_model_dir):
+    cfg = config(tmp_path, tiny_model_dir)
+    folder = cfg.run_dir / "checkpoints"
+
+    def lock_folder(trainer):
+        folder.mkdir(parents=True)
+        folder.chmod(0o500)
+
+    try:
+        with pytest.raises(SftlabError) as e:
+            Trainer(cfg, hooks={"after_setup": lock_folder}).run()
+        assert_one_clear_line(str(e.value), folder)
+        assert "Permission denied" in str(e.value) and list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+def test_append_closes_a_torn_line_and_rolls_back_a_failed_one(tmp_path, monkeypatch):
+    path = tmp_path / "trajectory.jsonl"
+    path.write_text('{"step": 2, "path": "checkpoints/step-000002", "sha256": "x"}\n{"step": 4, "pa')  # torn
+    append_jsonl(path, {"step": 6, "path": "checkpoints/step-000006", "sha256": "y"})
+    assert [e["step"] for e in read_trajectory(tmp_path)] == [2, 6]
+    before = path.read_bytes()
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    with pytest.raises(OSError):
+        append_jsonl(path, {"step": 8})
+    monkeypatch.setattr(ckpt.os, "fsync", real_fsync)
+    assert path.read_bytes() == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB filesystem, where this process may mount one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("no mount command")
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root in a privileged container)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_really_full_disk(tmp_path, tiny_model_dir, small_disk):
+    """Full fine-tuning of the tiny model writes ~13 MB per checkpoint: it cannot fit in 8 MiB."""
+    cfg = config(tmp_path, tiny_model_dir, out=small_disk, method={"name": "full"}, steps=2)
+    with pytest.raises(SftlabError) as e:
+        Trainer(cfg).run()
+    assert_one_clear_line(str(e.value), cfg.run_dir / "checkpoints")
+    assert "No space left on device" in str(e.value)
+    assert not (cfg.run_dir / "trajectory.jsonl").exists()
+    assert list((cfg.run_dir / "checkpoints").iterdir()) == []
