@@ -38,12 +38,12 @@ def chromium() -> str:
     return exe
 
 
-def run_chromium(page: Path, *args: str, timeout: float = 60) -> tuple[str, list[str]]:
-    """(stdout, console messages) of one headless Chromium run on a local file."""
+def run_chromium(page: Path, *args: str, fragment: str = "", timeout: float = 60) -> tuple[str, list[str]]:
+    """(stdout, console messages) of one headless Chromium run on a local file (at `#fragment`)."""
     with tempfile.TemporaryDirectory(prefix="sftlab-chromium-") as profile:
         cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--no-first-run", "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
-               "--enable-logging=stderr", "--v=0", *args, page.resolve().as_uri()]
+               "--enable-logging=stderr", "--v=0", *args, page.resolve().as_uri() + fragment]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
@@ -82,6 +82,13 @@ def test_report_renders_in_chromium(tmp_path):
     assert "<img" not in dom.lower() and dom.lower().count("<script") == 2  # no payload became an element
     for p in PAYLOADS:
         assert p not in dom
+
+    # the inspector (the only place the script writes) shows a point's hostile run name as text
+    dom, console = run_chromium(page, "--dump-dom", fragment="#point-0")
+    assert console == [], console
+    panel = re.search(r'<div id="inspector"[^>]*>(.*?)</div></section>', dom, re.S)
+    assert panel and "lora-r4 &lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt; (lora), step 0" in panel.group(1)
+    assert "heldout_loss [task]: 3" in panel.group(1)
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_browser.png"

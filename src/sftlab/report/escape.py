@@ -59,8 +59,8 @@ def fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
         if not math.isfinite(x):
             return str(x)
-        if x == int(x) and abs(x) < 1e15 and abs(x) >= 1:
-            return str(int(x))
+        if x == int(x) and 1 <= abs(x) < 1e15:
+            return fmt(int(x))
         return f"{x:.{digits}g}"
     if isinstance(x, (list, tuple)) and len(x) <= 4 and all(finite(v) for v in x):
         return "[" + ", ".join(fmt(v, digits) for v in x) + "]"

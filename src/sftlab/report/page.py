@@ -39,8 +39,9 @@ ul.legend{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:14px;margin:
 .status-failed{color:#b42318}.status-done{color:#067647}
 """
 
-# Clicking (or focusing and pressing Enter on) a plane point shows its record from the embedded data.
-SCRIPT = """
+# Clicking (or focusing and pressing Enter on) a plane point, or opening the page at #point-N, shows that
+# point's record from the embedded data.
+SCRIPT = r"""
 (function () {
   var el = document.getElementById("report-data");
   var box = document.getElementById("inspector");
@@ -67,6 +68,10 @@ SCRIPT = """
     node.addEventListener("click", function () { show(node); });
     node.addEventListener("keydown", function (e) { if (e.key === "Enter") show(node); });
   });
+  // a link to report.html#point-N opens with point N inspected
+  var m = /^#point-(\d+)$/.exec(window.location.hash);
+  var linked = m && document.querySelector('[data-point="' + m[1] + '"]');
+  if (linked) show(linked);
   // a marker for tests and tools: the script ran to the end
   document.documentElement.setAttribute("data-report-ready", String(data.points.length));
 })();
