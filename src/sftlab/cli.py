@@ -97,6 +97,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    from .data.votes import build_pairs, format_report, rules_from_args
+
+    rules = rules_from_args(args)  # bad rule values fail before any input is read
+    report = build_pairs(args.inputs, args.output, rules, args.format, args.index_dir, progress=True)
+    print(format_report(report, args.output))
+    return 0
+
+
 def cmd_setup(args) -> int:
     from .assets import prepare_assets
 
@@ -184,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("path", help="run folder or arena folder")
     rp.add_argument("-o", "--output", default=None, help="where to write (default: PATH/report.html)")
     rp.set_defaults(fn=cmd_report)
+
+    pr = sub.add_parser("pairs", help="preference pairs (prompt, chosen, rejected) from community votes: Reddit "
+                        "(Pushshift), StackExchange Posts.xml, threads JSONL")
+    pr.add_argument("inputs", nargs="+", help="dump files (.jsonl, .zst, .gz, Posts.xml); Reddit submissions "
+                    "and comments may be in separate files")
+    pr.add_argument("-o", "--output", required=True, help="pairs JSONL to write")
+    pr.add_argument("--format", default="auto", choices=["auto", "reddit", "stackexchange", "threads"],
+                    help="input format (auto: from each file's name or first line)")
+    pr.add_argument("--index-dir", default=None, help="where the temporary on-disk index goes (about the "
+                    "size of the inputs' direct replies; default: the system temp folder)")
+    from .data.votes import add_rule_arguments
+
+    add_rule_arguments(pr)
+    pr.set_defaults(fn=cmd_pairs)
 
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
     s.set_defaults(fn=cmd_setup)
