@@ -114,9 +114,6 @@ class Report:
     reply_removed: Counter = field(default_factory=Counter)
     pair_removed: Counter = field(default_factory=Counter)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # ---------------------------------------------------------------------------------------------- public API
 
