@@ -120,6 +120,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_budget(args) -> int:
+    import yaml
+
+    from .methods import budget
+
+    target = budget.parse_count(args.params)
+    kw = {"layer_pattern": args.layer_pattern, "max_virtual_tokens": args.max_virtual_tokens}
+    config = budget.read_config(args.model)
+    shape = budget.model_shape(config)
+    if args.all or args.method == "all":
+        print(budget.format_table(budget.solve_all(shape, target, **kw), target))
+        return 0
+    if not args.method:
+        raise budget.BudgetError("budget: name a method with --method (or --all for every method)")
+    pins = {}
+    for item in args.pin:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise budget.BudgetError(f"budget: --pin {item!r}: write KEY=VALUE, e.g. --pin target_modules=[q_proj]")
+        pins[key] = yaml.safe_load(value)
+    sol = budget.solve_budget(shape, args.method, target, pins, **kw)
+    if sol.warning:
+        print(f"warning: {sol.warning}", file=sys.stderr)
+    print(budget.format_solution(sol, shape, args.model))
+    if args.verify:
+        built = budget.measure_trainable(config, sol.method, sol.options)
+        if built != sol.trainable:
+            raise budget.BudgetError(f"budget: the built model trains {built:,} parameters, the formula said "
+                                     f"{sol.trainable:,}; please report this")
+        print(f"verified: the model built by the method trains {built:,} parameters")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning that records what a model "
                                 "learns and what it forgets.")
@@ -215,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--quick", action="store_true", help="a shorter run")
     dm.add_argument("--output-dir", default="runs/demo", help="where the demo writes")
     dm.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("budget", help="pick a method's knobs (rank, block size, tokens, modules, layers) to "
+                       "match a trainable-parameter budget; trains nothing")
+    b.add_argument("model", help="smollm2, a model folder, a .gguf file or a hub id (only its config is read)")
+    b.add_argument("--method", default="", help="full, lora, dora, oft, boft, prefix, prompt, ia3, or all")
+    b.add_argument("--params", required=True, help="the budget: 1e6, 500k, 2M, ...")
+    b.add_argument("--all", action="store_true", help="a table for every method")
+    b.add_argument("--pin", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep this method option fixed, e.g. --pin target_modules=[q_proj,v_proj] (repeatable)")
+    b.add_argument("--layer-pattern", default="spread", choices=["spread", "first", "last"],
+                   help="which layers a layer subset takes")
+    b.add_argument("--max-virtual-tokens", type=int, default=512, help="prefix/prompt search limit")
+    b.add_argument("--verify", action="store_true", help="also build the model (meta device) and count")
+    b.set_defaults(fn=cmd_budget)
     return p
 
 

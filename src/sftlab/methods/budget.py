@@ -1,0 +1,235 @@
+"""Matched budgets: choose a method's knobs so that it trains a given number of parameters.
+
+Comparing fine-tuning methods is only fair at equal trainable-parameter counts (the convention of the
+LoRA, DoRA and OFT papers' tables: Hu et al. 2021; Liu et al. 2024; Qiu et al. 2023). The counts are
+exact and computed from the model config alone (budget_rules.py); `measure_trainable` builds the model
+the method registry really trains, on the meta device, to check them.
+
+The search changes as little as it can. Tier 1 moves only the method's main knob (LoRA rank, OFT/BOFT
+block size, number of virtual tokens); tier 2 also tries other target-module sets; tier 3 also adapts
+a subset of the layers; tier 4 both. The first tier with a setting within TOLERANCE of the budget wins
+(the closest count within that tier). Failing that, the closest setting of all is accepted with a
+warning when it is within REFUSE, and refused otherwise, naming it. Options in `base_options` are
+pinned: the search moves only the others. Full fine-tuning is the reference: its count is reported,
+never solved or refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Mapping
+
+from ..registry import RegistryError
+from . import METHODS
+from .budget_rules import (ALIASES, MAX_VIRTUAL_TOKENS, RULES, BudgetError, ModelShape, Search,
+                           read_config)
+
+TOLERANCE = 0.10  # within this relative error of the budget a setting is a match
+REFUSE = 0.25  # beyond this no setting is offered
+
+__all__ = ["BudgetError", "BudgetSolution", "ModelShape", "count_trainable", "measure_trainable", "method_names",
+           "model_shape", "parse_count", "read_config", "solve_budget", "solve_all", "TOLERANCE", "REFUSE"]
+
+
+@dataclass(frozen=True)
+class BudgetSolution:
+    method: str  # the registered method name (dora -> lora with use_dora)
+    options: dict  # merge into the config's `method:` section (pinned base options included)
+    trainable: int  # exact trainable-parameter count of that setting
+    target: int
+    rel_error: float  # (trainable - target) / target
+    within_tolerance: bool  # |rel_error| <= TOLERANCE
+    description: str  # one line, e.g. "rank 3 on all-linear, all 30 layers"
+    alternatives: int  # settings searched (a bisection counts only a few of them)
+    warning: str = ""  # set when the match is outside TOLERANCE (or the method's count is fixed)
+
+    def section(self) -> dict:
+        return {"name": self.method, **self.options}
+
+    def yaml(self) -> str:
+        """The `method:` section as YAML, ready to paste into a config."""
+        import yaml
+
+        return yaml.safe_dump({"method": self.section()}, sort_keys=False, default_flow_style=None).rstrip()
+
+
+def model_shape(model: str | Path | Mapping | ModelShape) -> ModelShape:
+    """The shape the counts need, from a config mapping, a model folder, 'smollm2' or a hub id."""
+    return model if isinstance(model, ModelShape) else ModelShape.from_config(read_config(model))
+
+
+def resolve_method(method: str, base_options: Mapping | None) -> tuple[str, dict]:
+    name, implied = ALIASES.get(method, (method, {}))
+    try:
+        RULES.get(name)
+    except RegistryError as e:
+        raise BudgetError(f"budget: {e}") from None
+    return name, {**implied, **dict(base_options or {})}
+
+
+def method_options(name: str, options: Mapping):
+    """The method's options dataclass, validated as a config's `method:` section would be."""
+    from ..config import parse_method
+
+    return parse_method({"name": name, **options}).options
+
+
+def count_trainable(model, method: str, options: Mapping | None = None) -> int:
+    """Exact trainable-parameter count of `method` with `options` (a `method:` section without name)."""
+    shape = model_shape(model)
+    name, opts = resolve_method(method, options)
+    return RULES.get(name).count(shape, method_options(name, opts))
+
+
+def solve_budget(model, method: str, params: int, base_options: Mapping | None = None, *,
+                 layer_pattern: str = "spread", max_virtual_tokens: int = MAX_VIRTUAL_TOKENS) -> BudgetSolution:
+    """Knobs of `method` whose trainable count is closest to `params` (see the module docstring)."""
+    if int(params) < 1:
+        raise BudgetError(f"budget: the parameter budget must be >= 1, got {params}")
+    shape, target = model_shape(model), int(params)
+    name, base = resolve_method(method, base_options)
+    rule, configured = RULES.get(name), method_options(name, base)
+    fields = dataclasses.asdict(configured)
+
+    def count(knobs: dict) -> int:  # counting needs attributes, not validation: a namespace is ~10x cheaper
+        return rule.count(shape, SimpleNamespace(**{**fields, **knobs}))
+
+    seen: list[tuple[int, dict, int]] = []
+    settings = 0
+    for family in rule.candidates(shape, configured, set(base), Search(layer_pattern, max_virtual_tokens)):
+        settings += len(family.values)
+        seen += [(family.tier, knobs, count(knobs)) for knobs in map(family.knobs, bracket(family, count, target))]
+    level, knobs, n = choose(seen, target)
+    err = (n - target) / target
+    options = {**base, **knobs}
+    chosen = method_options(name, options)  # the answer must be a valid config section
+    text = rule.describe(shape, chosen)
+    if rule.fixed:
+        warning = f"{name}: its count is fixed at {n:,} (the reference); the budget is not used"
+    elif abs(err) > REFUSE:
+        lo, hi = min(c[2] for c in seen), max(c[2] for c in seen)
+        raise BudgetError(f"budget: no {method} setting comes within {REFUSE:.0%} of {target:,} parameters "
+                          f"(reachable: {lo:,} to {hi:,}); the closest is {text}: {n:,} ({err:+.1%})")
+    elif abs(err) > TOLERANCE:
+        warning = (f"{method}: the closest setting is {err:+.1%} off the budget "
+                   f"(outside the {TOLERANCE:.0%} tolerance)")
+    else:
+        warning = ""
+    return BudgetSolution(name, options, n, target, err, abs(err) <= TOLERANCE, text, settings, warning)
+
+
+def bracket(family, count, target: int) -> list[int]:
+    """Indices of `family.values` worth counting: both ends (the reachable range) and the two values
+    around `target`, found by bisection (the count rises with the value; the tests check that it does)."""
+    lo, hi = 0, len(family.values)  # first index whose count reaches the target lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(family.knobs(mid)) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    last = len(family.values) - 1
+    return sorted({0, last} | {i for i in (lo - 1, lo) if 0 <= i <= last})
+
+
+def choose(cands: list[tuple[int, dict, int]], target: int) -> tuple[int, dict, int]:
+    """The closest match within TOLERANCE in the lowest tier that has one; else the closest of all."""
+    def err(c):
+        return abs(c[2] - target) / target
+
+    for level in sorted({c[0] for c in cands}):
+        ok = [c for c in cands if c[0] == level and err(c) <= TOLERANCE]
+        if ok:
+            return min(ok, key=err)  # min keeps the first of equals: the generators list preferred ones first
+    return min(cands, key=lambda c: (err(c), c[0]))
+
+
+def method_names() -> list[str]:
+    """Every method the solver sizes, full first and each alias after the method it is a variant of."""
+    names = ["full"] + [n for n in METHODS.names() if n in RULES and n != "full"]
+    for alias, (target, _implied) in ALIASES.items():
+        names.insert(names.index(target) + 1, alias)
+    return names
+
+
+def solve_all(model, params: int, methods: list[str] | None = None, **kw) -> dict[str, BudgetSolution | str]:
+    """Every method (and dora) at one budget: a solution, or the refusal message."""
+    names = methods or method_names()
+    out: dict[str, BudgetSolution | str] = {}
+    shape = model_shape(model)
+    for name in names:
+        try:
+            out[name] = solve_budget(shape, name, params, **kw)
+        except BudgetError as e:
+            out[name] = str(e)
+    return out
+
+
+def measure_trainable(config: Mapping, method: str, options: Mapping | None = None) -> int:
+    """Trainable parameters of the model the registered method really builds (on the meta device: no memory).
+
+    Uses the config parser and the method's own apply(), as training does, and counts as training's
+    trainable_report does."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..train.loop import trainable_report
+
+    name, opts = resolve_method(method, options)
+    cfg = dict(config)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    model = METHODS.get(name).apply(model, method_options(name, opts))
+    return trainable_report(model)["trainable_params"]
+
+
+_SUFFIX = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9}
+
+
+def parse_count(text: str | int) -> int:
+    """'1e6', '500k', '2M', '1.5m', '1,000,000' -> an integer count."""
+    s = str(text).strip().lower().replace(",", "").replace("_", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmb]?)", s)
+    if not m:
+        raise BudgetError(f"budget: cannot read {text!r} as a parameter count (e.g. 1e6, 500k, 2M)")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
+
+
+# ---- text for the CLI --------------------------------------------------------------------------------
+
+def flow_yaml(section: dict) -> str:
+    """{name: lora, r: 3, ...} on one line (YAML flow style: pasteable as `method: {...}`)."""
+    import yaml
+
+    return yaml.safe_dump(section, default_flow_style=True, sort_keys=False, width=10 ** 6).strip()
+
+
+def format_solution(sol: BudgetSolution, shape: ModelShape, model: str = "") -> str:
+    status = "within" if sol.within_tolerance else "OUTSIDE"
+    return "\n".join([
+        f"{model + ' ' if model else ''}({shape.summary()}): {sol.target:,} trainable parameters asked",
+        f"{sol.method}: {sol.description}",
+        f"trainable {sol.trainable:,} ({sol.rel_error:+.1%}, {status} the {TOLERANCE:.0%} tolerance); "
+        f"{sol.alternatives:,} settings searched",
+        "", sol.yaml()])
+
+
+def format_table(results: dict[str, BudgetSolution | str], target: int) -> str:
+    head = f"{'method':<8} {'trainable':>13} {'error':>9}  setting (the method: section, as YAML)"
+    lines = [f"budget: {target:,} trainable parameters", head, "-" * len(head)]
+    for name, sol in results.items():
+        if isinstance(sol, str):
+            lines.append(f"{name:<8} {'refused':>13} {'':>9}  {sol.removeprefix('budget: ')}")
+            continue
+        error = "reference" if RULES.get(sol.method).fixed else f"{sol.rel_error:+.1%}"
+        mark = "" if sol.within_tolerance or RULES.get(sol.method).fixed else "!"
+        lines.append(f"{name:<8} {sol.trainable:>13,} {error:>9}{mark:<1} {flow_yaml(sol.section())}")
+        lines.append(f"{'':<8} {'':>13} {'':>9}  = {sol.description}")
+    lines.append(f"(! = outside the {TOLERANCE:.0%} tolerance; refused = nothing within {REFUSE:.0%}; "
+                 "full fine-tuning is the fixed reference)")
+    return "\n".join(lines)
