@@ -26,8 +26,11 @@ class RunSection:
     seed: int = doc("seed for weights init of adapters, data order and dropout", default=0)
 
     def __post_init__(self):
-        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "run.name",
-              f"{self.name!r} must be a plain folder name (no '/')")
+        # The run directory is output_dir/name: a name with a separator or '..' would put it (and every
+        # file sftlab writes) outside the folder the user named in output_dir.
+        plain = bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", "..")
+        check(plain, "run.name", f"{self.name!r} must be a plain folder name, not a path (no '/', '\\', '..'): "
+              "put the parent folder in run.output_dir and a name like 'exp1' in run.name")
 
 
 @dataclass

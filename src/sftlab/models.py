@@ -172,6 +172,10 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False, revision: str
                                             revision=revision or None)
     except OSError as e:
         raise ModelError(f"model.path: cannot load a tokenizer from {ref.location} ({_first_line(e)})") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(_remote_code_message(ref)) from None
     if tok.pad_token is None:
         # Padding positions never carry labels (the collator masks by length, not by id),
         # so reusing EOS as pad is safe.
@@ -191,8 +195,19 @@ def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = 
             attn_implementation=attn_implementation, use_safetensors=True, revision=revision or None)
     except OSError as e:
         raise ModelError(f"model.path: cannot load {ref.location} ({_first_line(e)}); weights must be "
-                         "safetensors") from None
+                         "safetensors (sftlab never unpickles .bin/.pt weights): convert them with "
+                         "save_pretrained(folder, safe_serialization=True)") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(_remote_code_message(ref)) from None
     return model
+
+
+def _remote_code_message(ref: ModelRef) -> str:
+    return (f"model.path: {ref.location} needs its own Python code (auto_map in config.json), which sftlab runs "
+            "only when the config says so; read that code, then set model.trust_remote_code=true if you trust "
+            "it, or use a model transformers supports natively")
 
 
 def _first_line(e: Exception) -> str:

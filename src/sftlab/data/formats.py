@@ -211,10 +211,31 @@ def _decode(data: bytes, label: str, base: int = 0, line: int | None = None) -> 
                         "valid UTF-8; re-save the file as UTF-8") from None
 
 
+# A JSONL line longer than this is refused without reading the rest of it: no example that long fits any
+# max_length, and a hostile or broken file (one 1 GB line) must not be read into memory whole.
+MAX_LINE_BYTES = 16 << 20
+
+
+def _jsonl_lines(path: Path, label: str) -> Iterator[bytes]:
+    """Physical lines without their newline, streamed (a .gz file is decompressed as it is read)."""
+    try:
+        with (gzip.open(path, "rb") if label.lower().endswith(".gz") else open(path, "rb")) as f:
+            lineno = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise DataError(f"{label}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB (stopped "
+                                    "reading it); no example this long fits data.max_length: split the line into "
+                                    "records or remove it")
+                yield raw.removesuffix(b"\n")
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{label}: cannot read it ({_first_line(e)}); check the file (re-compress .gz files "
+                        "with gzip)") from None
+
+
 def _read_jsonl(path: Path, label: str) -> Iterator[tuple[str, dict]]:
-    data = _read_bytes(path, label)
     offset = 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(_jsonl_lines(path, label), start=1):
         text = _decode(raw, label, offset, lineno)
         offset += len(raw) + 1
         if lineno == 1:
@@ -227,6 +248,9 @@ def _read_jsonl(path: Path, label: str) -> Iterator[tuple[str, dict]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{place}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
                             "JSON object") from None
+        except RecursionError:  # "[[[[..." thousands deep: hostile or broken, never a training record
+            raise DataError(f"{place}: JSON nested too deeply to read; each line must be one flat JSON "
+                            "object like {\"prompt\": ..., \"completion\": ...}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{place}: expected a JSON object {{...}}, got {_describe(obj)}; each line must "
                             "be one JSON object")
@@ -243,6 +267,9 @@ def _read_json(path: Path, label: str) -> Iterator[tuple[str, dict]]:
         hint = ("it looks like JSON Lines: rename it to .jsonl" if e.msg == "Extra data"
                 else "fix the syntax, or use .jsonl with one object per line")
         raise DataError(f"{label}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {hint}") from None
+    except RecursionError:
+        raise DataError(f"{label}: JSON nested too deeply to read; expected a list of flat records "
+                        "[{...}, {...}]") from None
     items = obj
     if isinstance(obj, dict):  # {"data": [...]} / {"train": [...]}, as some exporters write
         items = next((obj[k] for k in ("data", "train") if isinstance(obj.get(k), list)), None)

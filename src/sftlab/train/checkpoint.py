@@ -71,8 +71,21 @@ def save_weights(model, peft: bool, folder: Path) -> None:
     inner = getattr(model, "module", model)  # DDP
     if peft:
         inner.save_pretrained(str(folder), safe_serialization=True)
+        _canonical_adapter_config(folder / "adapter_config.json")
     else:
         unwrap(inner).save_pretrained(str(folder), safe_serialization=True)
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT writes target_modules from a set, in an order that changes with each process's hash seed; sorted,
+    the same weights give the same checkpoint sha256 in any process (a resumed run matches an uninterrupted one)."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | None = None,

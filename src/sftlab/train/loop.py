@@ -120,17 +120,17 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
-        self.tokenizer = load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision)
-        try:
+        try:  # bad input (data, model, tokenizer): the run directory holds nothing but the error
+            self.ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
+            self.tokenizer = load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision)
             self.data: Prepared = prepare_data(cfg, self.tokenizer, progress=self.dist.main)
+            seed_everything(cfg.run.seed)  # adapter init is seeded
+            model = load_model(self.ref, cfg.model.dtype, cfg.model.trust_remote_code,
+                               cfg.model.attn_implementation, cfg.model.revision)
         except (DataError, ModelError) as e:
             if self.dist.main and not self.resume:
                 write_error(self.run_dir, str(e))
             raise
-        seed_everything(cfg.run.seed)  # adapter init is seeded
-        model = load_model(self.ref, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation,
-                           cfg.model.revision)
         if cfg.train.gradient_checkpointing:
             kw = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
