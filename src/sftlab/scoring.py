@@ -8,6 +8,7 @@ into the checkpoint's entry (later lines win per score name).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -47,6 +48,13 @@ def score_model(model, tokenizer, probes, ctx: ProbeContext) -> dict:
     return out
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def append_scores(run_dir: Path, step: int, scores: dict, extra: dict | None = None) -> None:
     line = {"step": step, "scores": scores, **(extra or {})}
     with open(Path(run_dir) / "trajectory.jsonl", "a", encoding="utf-8") as f:
@@ -63,8 +71,30 @@ def context_for(cfg, base_ref, device=None) -> ProbeContext:
                         load_base=lambda: load_model(base_ref, cfg.model.dtype, cfg.model.trust_remote_code))
 
 
+def base_scores_file(cfg, base_ref) -> Path:
+    """Where the base model's scores under this config's probes are kept, shared by every run that could
+    reuse them: keyed by the base's weights, the model and scoring settings, the probes' options and the
+    contents of the files they read (so an edited probe file is a new key, never a stale hit)."""
+    from dataclasses import asdict
+
+    from .models import cache_root, file_sha256
+
+    probes = [{"name": p.name, "options": asdict(p.options)} for p in cfg.probes]
+    files = sorted({v for p in probes for v in p["options"].values() if isinstance(v, str) and v and os.path.isfile(v)})
+    key = {"version": 1, "base": base_ref.sha256 or str(base_ref.location), "model": asdict(cfg.model),
+           "scoring": asdict(cfg.scoring), "precision": cfg.train.precision, "seed": cfg.run.seed,
+           "probes": probes, "files": {f: file_sha256(f) for f in files}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_root() / "base_scores" / f"{digest}.json"
+
+
 class ScoreCallback:
-    """Scores cheap probes on the starting model and at every trajectory checkpoint, during training."""
+    """Scores cheap probes on the starting model and at every trajectory checkpoint, during training.
+
+    When the method starts exactly at the base (every method but prefix/prompt tuning), the step-0 scores
+    are the base's: they are computed once per base and probe set and shared through the cache, so an
+    arena's trials (or a rerun) do not pay for them again.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -72,16 +102,24 @@ class ScoreCallback:
         self.ctx = context_for(trainer.cfg, trainer.ref, trainer.dist.device)
         self.seconds = 0.0
 
-    def _score(self, step: int) -> None:
+    def _score(self, step: int, share: Path | None = None) -> None:
         t0 = time.time()
         model = getattr(self.trainer.model, "module", self.trainer.model)
         scores = score_model(model, self.trainer.tokenizer, self.probes, self.ctx)
         append_scores(self.trainer.run_dir, step, scores)
+        if share is not None:
+            write_json_atomic(share, scores)
         self.seconds += time.time() - t0
 
     def on_train_start(self, step: int) -> None:
-        if step == 0:
-            self._score(0)
+        if step != 0:
+            return
+        share = base_scores_file(self.trainer.cfg, self.trainer.ref) if self.trainer.method.starts_at_base else None
+        if share is not None and share.is_file():
+            append_scores(self.trainer.run_dir, 0, json.loads(share.read_text(encoding="utf-8")),
+                          {"shared": str(share)})
+            return
+        self._score(0, share)
 
     def on_checkpoint(self, step, entry):
         self._score(step)

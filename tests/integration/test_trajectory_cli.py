@@ -104,3 +104,28 @@ def test_rewind_search_between_checkpoints(lora_run, tmp_path, capsys):
     assert (dest / "config.json").is_file() or (dest / "adapter_config.json").is_file()
     meta = json.loads((dest / "sftlab_export.json").read_text())
     assert "step" in meta
+
+
+def step0_line(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "trajectory.jsonl").read_text().splitlines()]
+    return next(x for x in lines if x["step"] == 0 and "scores" in x)
+
+
+def test_base_scores_are_shared_between_runs(lora_run, tmp_path, files, monkeypatch):
+    """A second run from the same base with the same probes reuses the step-0 scores (an arena's trials pay for
+    the base once); prompt tuning does not start at the base, so it scores its own start; editing a probe's
+    file is a new key."""
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path / "cache"))
+    model_dir = Run(lora_run.run_dir).base_ref().location
+    first = train(tmp_path, model_dir, files, "a", method={"name": "lora", "r": 4, "dropout": 0.1})
+    again = train(tmp_path, model_dir, files, "b", method={"name": "ia3"}, train={"steps": 2})
+    assert "shared" not in step0_line(first.run_dir) and "shared" in step0_line(again.run_dir)
+    assert step0_line(again.run_dir)["scores"] == step0_line(first.run_dir)["scores"]
+    prompt = train(tmp_path, model_dir, files, "c", method={"name": "prompt", "num_virtual_tokens": 2},
+                   train={"steps": 2})
+    assert "shared" not in step0_line(prompt.run_dir)
+    assert step0_line(prompt.run_dir)["scores"]["kl_to_base"]["value"] > 0
+    with open(files[0], "a") as f:  # the probe's data changed: the old base scores must not be used
+        f.write(json.dumps(memorisable_chats(17)[-1]) + "\n")
+    edited = train(tmp_path, model_dir, files, "d", method={"name": "ia3"}, train={"steps": 2})
+    assert "shared" not in step0_line(edited.run_dir)

@@ -430,3 +430,33 @@ def test_kl_cache_reused_and_invalidated(tiny, tokenizer, tmp_path, ctx):
     # no cache and no base: a clear error
     with pytest.raises(ProbeError, match="no base model was given"):
         probe.score(tiny, tokenizer, dataclasses.replace(ctx, base_id="third", load_base=None))
+
+
+# ------------------------------------------------------------------------------------------ shared prompts
+
+
+@pytest.mark.parametrize("wrap", ["none", "lora", "prompt"])
+def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
+    """Label/choice scoring runs each prompt once and reuses its key/value cache: same log-probs as scoring
+    every (prompt, answer) sequence on its own, for a plain model, a LoRA model (B != 0) and prompt tuning
+    (which takes the plain path)."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    from sftlab.probes.likelihood import answer_examples, example_logprobs, group_logprobs
+
+    model = copy.deepcopy(tiny)
+    if wrap == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False))
+    elif wrap == "prompt":
+        model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    labels = ["bird", "cat", "dog", "a much longer answer than the others"]
+    prompts = [[{"role": "user", "content": t}] for t in TEXTS[:5]]
+    flat = [p for p in prompts for _ in labels]
+    ex = answer_examples(tokenizer, flat, labels * len(prompts), "auto", 512, ["t"] * len(flat))
+    plain = example_logprobs(model, ex, 2, 3, "cpu")
+    grouped = group_logprobs(model, [ex[i:i + len(labels)] for i in range(0, len(ex), len(labels))], 2, 3, "cpu")
+    flat_grouped = [r for row in grouped for r in row]
+    assert [r[1:] for r in flat_grouped] == [r[1:] for r in plain]  # counts and argmax hits
+    assert [r[0] for r in flat_grouped] == pytest.approx([r[0] for r in plain], abs=1e-4)
+    assert len({r[0] for r in plain}) > 4  # the answers really score differently

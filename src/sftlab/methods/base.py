@@ -24,6 +24,9 @@ class Method:
     # How an update merges into W (used by rewinding along the path): "additive" (W0 + dW),
     # "rotation" (OFT/BOFT: scale the skew generator), or None (prefix/prompt: nothing to merge).
     merge: str | None = "additive"
+    # True when the freshly applied method computes exactly the base model's function (LoRA's B = 0, OFT's
+    # R = I, IA3's ones, full): step-0 scores are then the base's and may be shared between runs.
+    starts_at_base: bool = True
     # A context manager factory wrapped around loading a saved adapter (e.g. to skip a kernel build).
     load_context: Callable[[], Any] | None = None
 

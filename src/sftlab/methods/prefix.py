@@ -25,4 +25,4 @@ def apply(model, o: PrefixOptions):
 
 
 register_method(Method("prefix", PrefixOptions, apply, "prefix tuning (learned per-layer key/value prefixes)",
-                       packing=False, merge=None))
+                       packing=False, merge=None, starts_at_base=False))

@@ -31,4 +31,4 @@ def apply(model, o: PromptOptions):
 
 
 register_method(Method("prompt", PromptOptions, apply, "prompt tuning (learned soft-prompt embeddings)",
-                       packing=False, merge=None))
+                       packing=False, merge=None, starts_at_base=False))

@@ -58,7 +58,7 @@ class Choice(BaseProbe):
     cheap = True
 
     def score(self, model, tokenizer, ctx: ProbeContext):
-        from .likelihood import answer_examples, example_logprobs, pad_id
+        from .likelihood import answer_examples, group_logprobs, pad_id
         from .texts import prompt_messages, read_rows
 
         o = self.options
@@ -71,12 +71,15 @@ class Choice(BaseProbe):
         flat = [(msgs, c, place) for msgs, choices, _, place in items for c in choices]
         examples = answer_examples(tokenizer, [f[0] for f in flat], [f[1] for f in flat], o.template, o.max_length,
                                    [f[2] for f in flat])
-        res = example_logprobs(model, examples, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
-        acc, acc_norm, at = [], [], 0
-        for _, choices, answer, _ in items:
-            ll = [res[at + j][0] for j in range(len(choices))]
-            norm = [s / len(c.encode("utf-8")) for s, c in zip(ll, choices)]
+        groups, at = [], 0
+        for _, choices, _, _ in items:  # a question's choices share its prompt
+            groups.append(examples[at:at + len(choices)])
             at += len(choices)
+        res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        acc, acc_norm = [], []
+        for (_, choices, answer, _), row in zip(items, res):
+            ll = [r[0] for r in row]
+            norm = [s / len(c.encode("utf-8")) for s, c in zip(ll, choices)]
             acc.append(float(max(range(len(ll)), key=lambda j: (ll[j], -j)) == answer))
             acc_norm.append(float(max(range(len(norm)), key=lambda j: (norm[j], -j)) == answer))
         values = acc_norm if o.length_normalised else acc

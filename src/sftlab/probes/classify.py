@@ -4,7 +4,7 @@ Rows hold a prompt (`prompt`, or `messages` whose final assistant turn, if any, 
 gold `label` (or, without one, the final assistant turn of `messages`: a chat eval file works as is).
 For every row and every label, the log-likelihood of that label's verbalizer as the answer (sum of
 its token log-probs, plus the end-of-turn token under a chat template) is computed in batched
-forward passes (rows x labels sequences, each prompt repeated per label); the prediction is the
+forward passes (each prompt run once, its key/value cache shared by the labels); the prediction is the
 label with the highest score, so the model never has to produce the exact string. This is the usual
 form for sentence-level categorisation.
 
@@ -93,15 +93,16 @@ class Classify(BaseProbe):
 
     def label_scores(self, model, tokenizer, ctx: ProbeContext, prompts, places, labels) -> list[list[float]]:
         """Per row, per label: log-likelihood of the label's verbalizer as the answer."""
-        from .likelihood import answer_examples, example_logprobs, pad_id
+        from .likelihood import answer_examples, group_logprobs, pad_id
 
         o = self.options
         verbal = [o.verbalizers.get(lab, lab) for lab in labels]
         L = len(labels)
         examples = answer_examples(tokenizer, [p for p in prompts for _ in range(L)], verbal * len(prompts),
                                    o.template, o.max_length, [pl for pl in places for _ in range(L)])
-        res = example_logprobs(model, examples, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
-        return [[res[i * L + j][0] for j in range(L)] for i in range(len(prompts))]
+        groups = [examples[i * L:(i + 1) * L] for i in range(len(prompts))]  # a row's labels share its prompt
+        res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        return [[r[0] for r in row] for row in res]
 
     def score(self, model, tokenizer, ctx: ProbeContext):
         prompts, gold, places, labels = self.rows(ctx.seed)
