@@ -90,6 +90,21 @@ def cmd_rewind(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analysis import AnalyzeOptions, analyze_run, summary_table
+    from .analysis.run import resolve_steps
+    from .runs import Run
+
+    opts = AnalyzeOptions(steps=args.steps, activations=not args.no_activations, layers=args.layers,
+                          n_texts=args.texts, max_length=args.max_length, k=args.intruder_k, eps=args.intruder_eps,
+                          progress=not args.no_progress)
+    steps = resolve_steps(Run(args.run), args.steps)  # a bad --steps fails before any model loads
+    summary = analyze_run(args.run, opts)
+    print(summary_table(summary, steps))
+    print(f"sftlab: wrote {len(steps)} step(s) of geometry to {Run(args.run).dir / 'analysis'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import render_report
 
@@ -221,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--retention", default=None)
     rw.add_argument("-o", "--output", default=None, help="export the chosen point here")
     rw.set_defaults(fn=cmd_rewind)
+
+    an = sub.add_parser("analyze", help="weight spectra and activation drift of checkpoints -> RUN/analysis/*.json")
+    an.add_argument("run", help="run directory")
+    an.add_argument("--steps", default="last", help="last | all | comma list of checkpoint steps, e.g. 4,8")
+    an.add_argument("--no-activations", action="store_true", help="weight space only (no forward passes)")
+    an.add_argument("--layers", default="auto", help="auto (4 evenly spaced) | all | comma list of layer indices")
+    an.add_argument("--texts", type=int, default=16, help="texts per prompt set (general and task)")
+    an.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    an.add_argument("--intruder-k", type=int, default=10, help="top singular vectors of Wft checked for intruders")
+    an.add_argument("--intruder-eps", type=float, default=0.5, help="intruder: max |cos| with W0's below this")
+    an.add_argument("--no-progress", action="store_true", help="no progress bar")
+    an.set_defaults(fn=cmd_analyze)
 
     rp = sub.add_parser("report", help="a run or arena folder -> one self-contained HTML page with plots")
     rp.add_argument("path", help="run folder or arena folder")
