@@ -121,6 +121,13 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_arena(args) -> int:
+    from .arena import run_arena
+
+    run_arena(args.config, args.overrides, plan_only=args.plan)
+    return 0
+
+
 def cmd_setup(args) -> int:
     from .assets import prepare_assets
 
@@ -267,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rule_arguments(pr)
     pr.set_defaults(fn=cmd_pairs)
+
+    ar = sub.add_parser("arena", help="compare methods at matched budgets on the same data; a leaderboard",
+                        description="Runs methods x budgets x learning rates x seeds as run directories under "
+                        "ARENA/trials/, scored by the same probes; rerun the command to resume or retry.")
+    add_config_args(ar)
+    ar.add_argument("--plan", action="store_true", help="print the trials (budget solutions) without training")
+    ar.set_defaults(fn=cmd_arena)
 
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
     s.set_defaults(fn=cmd_setup)

@@ -25,7 +25,43 @@ class Prepared:
         return {"train_stats": d(self.train_stats), "eval_stats": d(self.eval_stats)}
 
 
+_MEMO: dict[str, Prepared] = {}  # the last result: an arena's trials run in one process tokenize once
+
+
+def _memo_key(cfg, tokenizer) -> str | None:
+    """Data options, seed, tokenizer and the sources' sizes and times; None when a source is not a file."""
+    import hashlib
+    import json
+    import os
+
+    from ..configtools import to_dict
+
+    stats = []
+    for src in list(cfg.data.train) + list(cfg.data.eval):
+        if not os.path.isfile(src.path):
+            return None  # a hub dataset or a folder: no cheap way to tell it changed
+        st = os.stat(src.path)
+        stats.append([os.path.abspath(src.path), st.st_size, st.st_mtime_ns])
+    key = {"data": to_dict(cfg.data), "seed": cfg.run.seed, "files": stats,
+           "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+                         str(getattr(tokenizer, "chat_template", "")), tokenizer.pad_token_id, tokenizer.eos_token_id]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def prepare_data(cfg, tokenizer, progress: bool = False) -> Prepared:
+    """Tokenized train and eval examples; the same inputs twice in one process are tokenized once
+    (the examples are read-only to everything downstream)."""
+    key = _memo_key(cfg, tokenizer)
+    if key is not None and key in _MEMO:
+        return _MEMO[key]
+    out = _prepare(cfg, tokenizer, progress)
+    if key is not None:
+        _MEMO.clear()
+        _MEMO[key] = out
+    return out
+
+
+def _prepare(cfg, tokenizer, progress: bool) -> Prepared:
     d = cfg.data
     if not d.train:
         raise DataError("data.train: no training data; add a source, e.g. data.train=[{path: train.jsonl}]")

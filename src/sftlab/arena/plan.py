@@ -1,0 +1,180 @@
+"""Arena config -> trials. Torch-free: planning (and the budget solver) runs before any model loads.
+
+An arena config is a normal run config (model, data, train, checkpoint, probes, scoring, logging)
+without a `method:` section, plus an `arena:` section saying what to compare. Every trial gets the
+same data, the same number of steps and examples per step (so the same trained tokens), the same
+probes and the same checkpoints; only the method section, the learning rate and the seed differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ..config import RunConfig, config_from_dict
+from ..configtools import ConfigError, apply_overrides, check, doc, from_dict
+
+# Learning rates that train each method on small models in a few dozen steps; the sweep multiplies them
+# by `lr_factors`. They are starting points, not tuned results (the demo's sweep is in DEVELOPERS.md).
+DEFAULT_LR = {"full": 3e-5, "lora": 1e-3, "dora": 1e-3, "oft": 3e-3, "boft": 3e-3, "ia3": 1e-2, "prefix": 1e-2,
+              "prompt": 3e-2}
+
+
+@dataclass
+class ArenaSection:
+    name: str = doc("the arena folder's name (under output_dir)", default="arena")
+    output_dir: str = doc("where the arena folder is made", default="runs")
+    methods: list[str] = doc("methods to compare (full is the reference and ignores the budget)",
+                             default_factory=lambda: ["full", "lora", "oft", "prefix", "prompt"])
+    method_options: dict[str, dict] = doc("per method, options fixed before the budget solver picks the rest, "
+                                          "e.g. {lora: {dropout: 0.05}}", default_factory=dict)
+    budgets: list[str] = doc("trainable-parameter budgets, e.g. [1M] or [500k, 2M]",
+                             default_factory=lambda: ["1M"])
+    seeds: list[int] = doc("seeds; each (method, budget, lr) runs once per seed", default_factory=lambda: [0])
+    lrs: dict[str, list[float]] = doc("per method, the learning rates to sweep (absent: the method's default "
+                                      "times lr_factors)", default_factory=dict)
+    lr_factors: list[float] = doc("the default sweep: multiples of each method's default learning rate",
+                                  default_factory=lambda: [0.3, 1.0, 3.0])
+    lr_rule: Literal["hypervolume", "final_task"] = doc(
+        "how each method's learning rate is chosen for the leaderboard: the largest hypervolume of its "
+        "trajectory, or the best final task score", default="hypervolume")
+    task: str = doc("task score for the leaderboard's axis (default: the first task probe)", default="")
+    retention: str = doc("retention score for the other axis (default: the first retention probe)", default="")
+    backend: Literal["local", "ray"] = doc("local: trials one after another in this process; ray: one Ray task "
+                                           "per trial (pip install 'sftlab[ray]')", default="local")
+    gpus_per_trial: float = doc("ray: GPUs each trial requests", default=0.0)
+    cpus_per_trial: float = doc("ray: CPUs each trial requests", default=1.0)
+
+    def __post_init__(self):
+        check(bool(self.methods), "methods", "list at least one method")
+        check(bool(self.seeds), "seeds", "list at least one seed")
+        check(all(f > 0 for f in self.lr_factors), "lr_factors", "must be positive")
+        for m, grid in self.lrs.items():
+            check(bool(grid) and all(lr > 0 for lr in grid), f"lrs.{m}", "must be a non-empty list of positive rates")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class Trial:
+    name: str
+    method: str  # as listed in the arena (dora stays dora); cfg.method.name is the registered method
+    budget: int | None  # None: full fine-tuning, the reference
+    lr: float
+    seed: int
+    cfg: RunConfig | None  # None when refused
+    trainable: int = 0
+    setting: str = ""  # the budget solver's one-line description
+    note: str = ""  # a warning (budget outside 10%) or why the trial is refused
+    hash: str = ""
+
+    @property
+    def refused(self) -> bool:
+        return self.cfg is None
+
+    def record(self) -> dict:
+        return {"name": self.name, "method": self.method, "budget": self.budget, "lr": self.lr, "seed": self.seed,
+                "trainable_params": self.trainable, "setting": self.setting, "note": self.note, "hash": self.hash,
+                "run_dir": f"trials/{self.name}"}
+
+
+def load_arena(path: str | Path, overrides: list[str] = ()) -> tuple[ArenaSection, dict]:
+    """(arena section, the shared run config as a dict). Overrides address both: arena.seeds=[0,1]."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: arena config not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict) or not isinstance(data.get("arena", {}), dict):
+        raise ConfigError(f"{p}: an arena config is a run config plus an 'arena:' section")
+    apply_overrides(data, list(overrides))
+    arena = from_dict(ArenaSection, data.pop("arena", {}) or {}, "arena")
+    if "method" in data:
+        raise ConfigError("method: an arena config has no method section; list methods in arena.methods and "
+                          "fixed options in arena.method_options")
+    train = data.get("train", {}) or {}
+    if not int(train.get("steps", 0) or 0):
+        raise ConfigError("train.steps: an arena needs a fixed step count, so every trial sees the same tokens")
+    config_from_dict({**data, "method": {"name": "full"}})  # the shared sections are valid before anything runs
+    return arena, data
+
+
+def trial_hash(cfg: RunConfig) -> str:
+    """What makes two trials the same: the whole config but its name and folder."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "output_dir")}
+    d = yaml.safe_load(yaml.safe_dump(d))  # as it reads back from config.yaml (floats, tuples)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def lr_grid(arena: ArenaSection, method: str) -> list[float]:
+    if method in arena.lrs:
+        return list(arena.lrs[method])
+    base = DEFAULT_LR.get(method, 1e-3)
+    return [float(f"{base * f:.3g}") for f in arena.lr_factors]
+
+
+def _short(n: int | None) -> str:
+    if n is None:
+        return "ref"
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial]:
+    """Every (method, budget, lr, seed), each with a validated config (or refused, with the reason)."""
+    from ..methods import METHODS
+    from ..methods.budget import BudgetError, parse_count, solve_budget
+
+    shape = model_shape if model_shape is not None else base.get("model", {}).get("path", "")
+    budgets = [parse_count(b) for b in arena.budgets]
+    packing = bool((base.get("data") or {}).get("packing", False))
+    if packing and not all(METHODS.get("lora" if m == "dora" else m).packing for m in arena.methods):
+        packing = False  # prefix/prompt cannot pack; every trial pads, so all see the same rows
+    trials = []
+    for method in arena.methods:
+        for budget in ([None] if method == "full" else budgets):
+            try:
+                sol = solve_budget(shape, method, budget or 1, arena.method_options.get(method))
+                section, note = sol.section(), sol.warning if method != "full" else ""
+            except BudgetError as e:
+                sol, section, note = None, None, str(e)
+            for lr in lr_grid(arena, method):
+                for seed in arena.seeds:
+                    name = f"{method}-{_short(budget)}-lr{lr:g}-s{seed}"
+                    trials.append(_trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena))
+    return trials
+
+
+def _trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena) -> Trial:
+    if section is None:
+        return Trial(name, method, budget, lr, seed, None, note=note)
+    d = copy.deepcopy(base)
+    d["method"] = section
+    d.setdefault("train", {})["lr"] = lr
+    d.setdefault("data", {})["packing"] = packing
+    d["run"] = {**(d.get("run") or {}), "name": name, "seed": seed, "output_dir": str(arena.folder / "trials")}
+    cfg = config_from_dict(d)
+    return Trial(name, method, budget, lr, seed, cfg, sol.trainable, sol.description, note, trial_hash(cfg))
+
+
+def trials_table(trials: list[Trial]) -> str:
+    lines = [f"{'trial':<34}{'trainable':>12}  setting"]
+    for t in trials:
+        what = f"REFUSED: {t.note}" if t.refused else t.setting + (f"  ({t.note})" if t.note else "")
+        lines.append(f"{t.name:<34}{t.trainable:>12,}  {what}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,112 @@
+"""`sftlab arena` end to end on a tiny model: matched budgets, a learning-rate sweep, every trial a run
+directory scored by the same probes, the leaderboard; a failed trial does not stop the others; a rerun
+skips finished trials and resumes a half-finished one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import memorisable_chats, write_jsonl
+from sftlab.arena import load_arena, plan_trials
+from sftlab.arena.runner import trial_state
+from sftlab.cli import main
+from sftlab.train.loop import Trainer
+
+
+def arena_config(tmp: Path, model_dir: Path, **arena) -> Path:
+    chats = write_jsonl(tmp / "chats.jsonl", memorisable_chats(16))
+    general = tmp / "general.txt"
+    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
+                                   for i in range(8)))
+    cfg = {
+        "arena": {"name": "a", "output_dir": str(tmp / "out"), "methods": ["full", "lora", "prompt"],
+                  "budgets": ["4k"], "lrs": {"full": [1e-3], "lora": [1e-3, 1e-2], "prompt": [3e-2]}, **arena},
+        "run": {"seed": 0},
+        "model": {"path": str(model_dir)},
+        "data": {"train": [{"path": str(chats)}], "max_length": 64},
+        "train": {"steps": 4, "batch_size": 4, "threads": 1},
+        "checkpoint": {"every": 2},
+        "logging": {"progress": False, "tensorboard": False},
+        "probes": [{"name": "heldout_loss", "path": str(chats)},
+                   {"name": "kl_to_base", "path": str(general), "k": 8, "tail_samples": 0}],
+    }
+    path = tmp / "arena.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_plan_matches_budgets_and_refuses(tmp_path, tiny_model_dir):
+    arena, base = load_arena(arena_config(tmp_path, tiny_model_dir, methods=["lora", "prefix", "prompt", "ia3"],
+                                          lrs={}))
+    trials = plan_trials(arena, base)
+    assert {t.lr for t in trials if t.method == "lora"} == {3e-4, 1e-3, 3e-3}  # the default sweep: 3 rates
+    for t in trials:
+        if t.method == "ia3":  # at most one vector per projection: far below 4k on this model
+            assert t.refused and "closest" in t.note
+        else:
+            assert not t.refused and abs(t.trainable - 4000) / 4000 <= 0.10, (t.name, t.trainable)
+    assert len({t.hash for t in trials if not t.refused}) == len([t for t in trials if not t.refused])
+
+
+def test_arena_runs_ranks_and_resumes(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    cfg = arena_config(tmp_path, tiny_model_dir)
+    arena, base = load_arena(cfg)
+    trials = {t.name: t for t in plan_trials(arena, base)}
+    assert len(trials) == 4
+    # a half-finished trial: stopped after its first checkpoint
+    half = trials["lora-4k-lr0.01-s0"]
+
+    def stop(trainer, step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(half.cfg, hooks={"after_step": stop}).run()
+    assert trial_state(half) == "partial"
+    # and one that fails: the others go on
+    real_run = Trainer.run
+
+    def flaky(self):
+        if self.cfg.run.name.startswith("prompt"):
+            raise RuntimeError("planted failure")
+        return real_run(self)
+
+    monkeypatch.setattr(Trainer, "run", flaky)
+    assert main(["arena", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "out" / "a"
+    meta = json.loads((folder / "arena.json").read_text())
+    status = {t["name"]: t["status"] for t in meta["trials"]}
+    assert status == {"full-ref-lr0.001-s0": "done", "lora-4k-lr0.001-s0": "done", "lora-4k-lr0.01-s0": "done",
+                      "prompt-4k-lr0.03-s0": "failed"}
+    assert "planted failure" in next(t["error"] for t in meta["trials"] if t["status"] == "failed")
+    assert "1 trial(s) failed" in out
+    resumed = next(t for t in meta["trials"] if t["name"] == half.name)
+    assert resumed.get("resumed") is True
+    for name in ("full-ref-lr0.001-s0", "lora-4k-lr0.001-s0", half.name):
+        lines = (folder / "trials" / name / "trajectory.jsonl").read_text().splitlines()
+        steps = sorted({json.loads(x)["step"] for x in lines if "scores" in json.loads(x)})
+        assert steps == [0, 2, 4], name  # the same probes at the same points for every trial
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert [r["method"] for r in board["rows"]] and {r["method"] for r in board["rows"]} == {"full", "lora"}
+    lora = next(r for r in board["rows"] if r["method"] == "lora")
+    kept = [t for t in board["trials"] if t["method"] == "lora" and t["kept"]]
+    assert len(kept) == 1 and lora["lr"] == [kept[0]["lr"]]
+    assert kept[0]["hypervolume"] == max(t["hypervolume"] for t in board["trials"] if t["method"] == "lora")
+    for r in board["rows"]:
+        assert 0 <= r["hypervolume"] <= 1 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
+    assert "HV" in out and "reference point" in out
+
+    # rerun: finished trials are skipped (their folders untouched); the failed one runs again
+    monkeypatch.setattr(Trainer, "run", real_run)
+    before = {n: (folder / "trials" / n / "trajectory.jsonl").stat().st_mtime_ns for n in status if n[0] != "p"}
+    assert main(["arena", str(cfg)]) == 0
+    meta = json.loads((folder / "arena.json").read_text())
+    assert {t["name"]: t["status"] for t in meta["trials"]} == {n: "done" for n in status}
+    assert before == {n: (folder / "trials" / n / "trajectory.jsonl").stat().st_mtime_ns for n in before}
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report.html").is_file()
