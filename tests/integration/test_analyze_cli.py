@@ -88,6 +88,15 @@ def test_analyze_all_steps_writes_weights_activations_and_summary(runs, capsys):
     assert main(["analyze", str(d), "--steps", "2", "--no-activations", "--no-progress"]) == 0
     again = json.loads((d / "analysis" / "summary.json").read_text())
     assert list(again["steps"]) == ["2", "4"] and "activations" in again["steps"]["4"]
+    from sftlab.report import render_report
+
+    page = render_report(d, d / "report.html").read_text()
+    geo = page[page.index('<section id="geometry">'):]
+    geo = geo[:geo.index("</section>")]
+    for title in ("activation drift per layer, general text", "effective rank of dW per layer",
+                  "intruder dimensions per layer", "retention view", "adaptation view"):
+        assert title in geo
+    assert geo.count("<svg") >= 7
 
 
 def test_prompt_tuning_is_analysed_in_activation_space_only(runs):
