@@ -110,3 +110,22 @@ def test_arena_runs_ranks_and_resumes(tmp_path, tiny_model_dir, monkeypatch, cap
     assert before == {n: (folder / "trials" / n / "trajectory.jsonl").stat().st_mtime_ns for n in before}
     assert main(["report", str(folder)]) == 0
     assert (folder / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_arena_on_local_ray(tmp_path, tiny_model_dir, monkeypatch):
+    """Two trials as Ray tasks on a local Ray instance on CPU; the same folder layout and leaderboard."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        cfg = arena_config(tmp_path, tiny_model_dir, methods=["full", "lora"], lrs={"full": [1e-3], "lora": [1e-2]},
+                           backend="ray")
+        assert main(["arena", str(cfg)]) == 0
+    finally:
+        ray.shutdown()
+    folder = tmp_path / "out" / "a"
+    meta = json.loads((folder / "arena.json").read_text())
+    assert [t["status"] for t in meta["trials"]] == ["done", "done"]
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert {r["method"] for r in board["rows"]} == {"full", "lora"}
