@@ -29,9 +29,10 @@ activations-step-NNNNNN.json
             response_per_layer: {layer: mean response}}}}
     "block" is a decoder layer's output (the residual stream), "attn"/"mlp" its sublayer outputs.
 
-summary.json (steps accumulate over calls; a call overwrites the steps it analyses)
+summary.json (steps accumulate over calls; a call overwrites what it recomputes for its steps; settings are
+the last call's)
     {schema: 1, run, method, base_model, base_sha256, weight_change, settings: {..., layers_used, task_source},
-     steps: {"N": {step, scores: {name: {value, kind, higher_is_better}},
+     steps: {"N": {step, scores: {name: {value, kind, higher_is_better}}, seconds: {load, weights, activations?},
                    weights: {modules, modules_total, <means of M's scalars; intruders summed>,
                              per_layer: {layer: {same keys}}} | {note},
                    activations: {set: {mean: {<ACT_KEYS means over layers, 'block' point>, update_response},

@@ -238,6 +238,37 @@ def read_summary(path: Path) -> dict:
         return {}
 
 
+def analyze_step(run, step: int, base, tok, names: list[str], cache: wts.SVDCache, opts: AnalyzeOptions,
+                 sets: dict[str, list[str]], layers: list[int], task_src: str, out_dir: Path, bar) -> dict:
+    """Write one checkpoint's weights (and activations) file; return its summary entry."""
+    import time
+
+    t0 = time.perf_counter()
+    tuned, merged = load_tuned(run, step)
+    t1 = time.perf_counter()
+    if merged:
+        mods = weight_section(base, tuned, names, cache, opts, run.method.merge == "rotation", bar)
+        wsum = wts.aggregate(mods, layer_of)
+        wfile = {"step": step, "method": run.method.name, "weight_change": True, "modules": mods}
+    else:
+        wsum = {"note": f"{run.method.name} adds virtual tokens and changes no weight"}
+        wfile = {"step": step, "method": run.method.name, "weight_change": False, "note": wsum["note"],
+                 "modules": {}}
+    write_json(out_dir / f"weights-step-{step:06d}.json", wfile)
+    t2 = time.perf_counter()
+    entry = {"weights": wsum, "seconds": {"load": round(t1 - t0, 2), "weights": round(t2 - t1, 2)}}
+    if opts.activations:
+        changed = changed_linears(base, tuned, names) if merged else []
+        section = activation_section(base, tuned, tok, sets, layers, opts, changed)
+        write_json(out_dir / f"activations-step-{step:06d}.json",
+                   {"step": step, "layers": layers, "points": list(opts.points), "task_source": task_src,
+                    "sets": section})
+        entry["activations"] = activation_summary(section)
+        entry["seconds"]["activations"] = round(time.perf_counter() - t2, 2)
+        bar.update(1)
+    return entry
+
+
 def analyze_run(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict:
     """Analyse the chosen checkpoints of a run; write RUN/analysis/*.json; return the summary."""
     from tqdm.auto import tqdm
@@ -273,27 +304,9 @@ def analyze_run(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict
     total = len(steps) * (len(names) if weight_change else 0) + len(steps) * int(opts.activations)
     bar = tqdm(total=total, desc="analyze", unit="module", disable=not opts.progress)
     for step in steps:
-        tuned, merged = load_tuned(run, step)
-        if merged:
-            mods = weight_section(base, tuned, names, cache, opts, run.method.merge == "rotation", bar)
-            wsum = wts.aggregate(mods, layer_of)
-            wfile = {"step": step, "method": run.method.name, "weight_change": True, "modules": mods}
-        else:
-            wsum = {"note": f"{run.method.name} adds virtual tokens and changes no weight"}
-            wfile = {"step": step, "method": run.method.name, "weight_change": False, "note": wsum["note"],
-                     "modules": {}}
-        write_json(out_dir / f"weights-step-{step:06d}.json", wfile)
-        entry = {"step": step, "scores": scores.get(step, {}), "weights": wsum}
-        if opts.activations:
-            changed = changed_linears(base, tuned, names) if merged else []
-            section = activation_section(base, tuned, tok, sets, layers, opts, changed)
-            write_json(out_dir / f"activations-step-{step:06d}.json",
-                       {"step": step, "layers": layers, "points": list(opts.points), "task_source": task_src,
-                        "sets": section})
-            entry["activations"] = activation_summary(section)
-            bar.update(1)
-        summary["steps"][str(step)] = entry
-        del tuned
+        entry = analyze_step(run, step, base, tok, names, cache, opts, sets, layers, task_src, out_dir, bar)
+        old = summary["steps"].get(str(step), {})  # a --no-activations call keeps earlier activations
+        summary["steps"][str(step)] = {**old, "step": step, "scores": scores.get(step, {}), **entry}
     bar.close()
     summary["steps"] = dict(sorted(summary["steps"].items(), key=lambda kv: int(kv[0])))
     write_json(out_dir / "summary.json", summary)

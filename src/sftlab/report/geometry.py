@@ -31,8 +31,8 @@ def _first_score(scores: dict, kind: str):
 
 
 def _table(steps: list[tuple[int, dict]]) -> str:
-    head = ["step", "task", "retention", "effective rank", "90% energy rank", "intruders",
-            "‖dW‖F/‖W0‖F", "dP smoothness", "drift (general)", "CKA (general)", "drift (task)", "update response"]
+    head = ["step", "task", "retention", "effective rank", "90% energy rank", "intruders", "‖dW‖F/‖W0‖F",
+            "dP smoothness", "drift (general)", "CKA (general)", "drift (task)", "update response"]
     rows = []
     for step, e in steps:
         w, a = e.get("weights") or {}, e.get("activations") or {}
