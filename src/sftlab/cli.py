@@ -64,12 +64,16 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .scoring import evaluate_run
+    from .scoring import evaluate_run, generation_steps
 
-    steps = [int(x) for x in args.steps.split(",")] if args.steps else None
-    which = "all" if args.generation else "cheap"
+    which = "generation" if args.generation else "cheap"
+    if args.steps in ("", "all"):
+        steps = generation_steps(args.run) if args.generation and not args.steps else None
+    else:
+        steps = [int(x) for x in args.steps.split(",")]
     done = evaluate_run(args.run, steps, which)
-    print(f"sftlab: scored {len(done)} points of {args.run} ({which} probes) into trajectory.jsonl")
+    print(f"sftlab: scored {len(done)} points of {args.run} ({which} probes"
+          f"{': steps ' + ','.join(map(str, done)) if done else ''}) into trajectory.jsonl")
     return 0
 
 
@@ -219,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a run's checkpoints (and the base as step 0) with its probes")
     ev.add_argument("run", help="run directory")
-    ev.add_argument("--steps", default="", help="comma list of steps (default: all, and 0 = the base)")
-    ev.add_argument("--generation", action="store_true", help="also run generation-based probes")
+    ev.add_argument("--steps", default="", help="comma list of steps, or 'all' (0 = the base; default: all for "
+                    "likelihood probes; base, final and frontier for --generation)")
+    ev.add_argument("--generation", action="store_true", help="run the generation-based probes (on the base, the "
+                    "final checkpoint and the frontier points unless --steps says otherwise)")
     ev.set_defaults(fn=cmd_eval)
 
     fr = sub.add_parser("frontier", help="checkpoints with task and retention scores; Pareto frontier; overshoot")

@@ -129,3 +129,28 @@ def test_base_scores_are_shared_between_runs(lora_run, tmp_path, files, monkeypa
         f.write(json.dumps(memorisable_chats(17)[-1]) + "\n")
     edited = train(tmp_path, model_dir, files, "d", method={"name": "ia3"}, train={"steps": 2})
     assert "shared" not in step0_line(edited.run_dir)
+
+
+def test_generation_probes_default_to_base_final_and_frontier(lora_run, tmp_path, files, capsys):
+    """Generation is not cheap: training scores likelihood probes only; `sftlab eval --generation` then runs
+    the generation probes on step 0, the final checkpoint and the frontier points (or where --steps says)."""
+    from sftlab.scoring import generation_steps
+    from sftlab.trajectory import pareto_front
+    from sftlab.rewinding import run_points
+
+    model_dir = Run(lora_run.run_dir).base_ref().location
+    cfg = tiny_config(tmp_path, model_dir, files[0], method={"name": "lora", "r": 4}, run={"name": "gen"},
+                      train={"steps": 8, "batch_size": 4, "lr": 1e-2, "threads": 1}, checkpoint={"every": 2})
+    cfg.probes = parse_probes(probes(files) + [{"name": "generate", "path": str(files[0]), "limit": 4,
+                                                "max_new_tokens": 4}])
+    Trainer(cfg).run()
+    run_dir = cfg.run_dir
+    assert not any("generate" in e["scores"] for e in Run(run_dir).trajectory())  # not during training
+    points, _, _ = run_points(run_dir)
+    expected = sorted({0, 8} | {p.step for p in pareto_front(points)})
+    assert generation_steps(run_dir) == expected
+    assert main(["eval", str(run_dir), "--generation"]) == 0
+    scored = sorted(e["step"] for e in Run(run_dir).trajectory() if "generate" in e["scores"])
+    assert scored == expected
+    sample = next(e for e in Run(run_dir).trajectory() if "generate" in e["scores"])["scores"]["generate"]
+    assert sample["extra"]["samples"] and "output" in sample["extra"]["samples"][0]

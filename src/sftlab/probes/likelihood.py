@@ -7,7 +7,6 @@ so a probe costs what an eval step costs and works on plain HF and PEFT-wrapped 
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 
 import torch
@@ -86,6 +85,12 @@ def _cache_reusable(model) -> bool:
     return isinstance(unwrap(model), PreTrainedModel)
 
 
+def _cache_arg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
 def _shared_prefix(group: list[Example]) -> int:
     """Tokens common to every example, leaving each at least one token of its own."""
     first, n = group[0].input_ids, min(len(e.input_ids) for e in group) - 1
@@ -100,16 +105,16 @@ def _group(model, group: list[Example], pad: int, device, chunk: int) -> list[tu
         return example_logprobs(model, group, pad, len(group), device, chunk)
     batch = to_device(pad_batch(group, pad), device)  # (G, L): targets, mask, ids of the whole sequences
     G, L = batch["input_ids"].shape
-    with head_removed(model) as head, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)  # renamed in 5.40
+    name = _cache_arg(model)  # transformers renamed past_key_values to cache (5.2x); accept either
+    with head_removed(model) as head:
         pre = model(input_ids=batch["input_ids"][:1, :P], use_cache=True)
-        cache = pre.past_key_values
+        cache = getattr(pre, name)
         for layer in cache.layers:  # the prompt's keys and values, once per continuation
             layer.batch_repeat_interleave(G)
         mask = batch["attention_mask"]  # (G, L): the prefix is real for every row
         pos = torch.arange(P, L, device=mask.device).expand(G, -1)
         cont = model(input_ids=batch["input_ids"][:, P:], attention_mask=mask, position_ids=pos,
-                     past_key_values=cache, use_cache=True).logits  # (G, L - P, H)
+                     use_cache=True, **{name: cache}).logits  # (G, L - P, H)
     hidden = torch.cat([pre.logits.expand(G, -1, -1), cont], dim=1)  # (G, L, H)
     return _span_logprobs(hidden, batch["targets"], head, chunk)
 
