@@ -142,7 +142,7 @@ def cmd_setup(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(quick=args.quick, output_dir=args.output_dir)
+    run_demo(quick=args.quick, output_dir=args.output_dir, sweep=args.sweep)
     return 0
 
 
@@ -291,9 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
     s.set_defaults(fn=cmd_setup)
 
-    dm = sub.add_parser("demo", help="the main job on the embedded default model and data")
-    dm.add_argument("--quick", action="store_true", help="a shorter run")
-    dm.add_argument("--output-dir", default="runs/demo", help="where the demo writes")
+    dm = sub.add_parser("demo", help="the main job: an arena of methods on the embedded model and task")
+    dm.add_argument("--quick", action="store_true", help="two methods, fewer steps (about 3 minutes)")
+    dm.add_argument("--output-dir", default="runs", help="where the demo's arena folder is made")
+    dm.add_argument("--sweep", action="store_true", help="rerun the learning-rate sweep that fixed the demo's "
+                    "per-method rates (DEVELOPERS.md)")
     dm.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("budget", help="pick a method's knobs (rank, block size, tokens, modules, layers) to "

@@ -148,6 +148,9 @@ class ScoringSection:
     during_training: bool = doc("score the cheap (likelihood) probes on the starting model and at every "
                                 "trajectory checkpoint while training", default=True)
     batch_size: int = doc("examples per probe batch", default=8)
+    precision: Literal["auto", "fp32", "bf16"] = doc(
+        "forward passes of the probes: fp32, or bf16 autocast (several times faster on CPUs with AMX and on "
+        "GPUs); auto follows train.precision. Cached base outputs are kept per precision", default="auto")
 
     def __post_init__(self):
         check(self.batch_size >= 1, "scoring.batch_size", "must be >= 1")

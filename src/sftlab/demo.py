@@ -1,8 +1,13 @@
-"""`sftlab demo`: one short LoRA run on the embedded model, then what it learned and what it cost.
+"""`sftlab demo`: an arena on the embedded SmolLM2-135M-Instruct - which method learns the task, and what
+does each forget on the way?
 
-Task: classify the opening of a Wikipedia article into one of eight topics, answering with one
-word (sftlab.assets). Before and after, on held-out data: the task loss, greedy exact-match
-accuracy, and a retention loss on general chit-chat the run never trained on.
+Task ("wiki topics", sftlab.assets): name the topic of a Wikipedia article's opening in one word out of
+eight. Task score: label-scoring accuracy on held-out articles (the majority-class baseline is 12.5%).
+Retention: KL divergence from the base model on general English (Wikipedia lead sections the task never
+uses), per token. Methods: full fine-tuning (the reference) and LoRA, OFT, prefix tuning and prompt
+tuning at a matched trainable-parameter budget, each at the learning rate a recorded sweep chose
+(DEVELOPERS.md: the command and its results). Every trial is scored at the same checkpoints; the
+leaderboard ranks methods by the hypervolume of their trajectories; `report.html` shows the plane.
 """
 
 from __future__ import annotations
@@ -13,198 +18,112 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .assets import DemoData, prepare_assets
-from .config import DataSource, RunConfig, config_from_dict
 
 
 @dataclass(frozen=True)
 class DemoPlan:
+    methods: tuple[str, ...]
     steps: int
     batch_size: int
-    n_generate: int  # held-out articles scored by greedy generation (the task loss uses all of eval.jsonl)
-    n_retention: int  # chit-chat examples for the retention loss
     checkpoint_every: int
+    n_task: int  # held-out articles scored at every checkpoint
+    n_general: int  # general-English passages for the KL to the base
+    n_generate: int  # articles answered by greedy generation (base and final checkpoints, kept for reading)
 
 
-FULL = DemoPlan(steps=60, batch_size=8, n_generate=96, n_retention=96, checkpoint_every=15)
-QUICK = DemoPlan(steps=30, batch_size=8, n_generate=48, n_retention=48, checkpoint_every=10)
-MAX_NEW_TOKENS = 6  # a label is 1-2 tokens plus end-of-turn; more only lets the base model ramble
+FULL = DemoPlan(("full", "lora", "oft", "prefix", "prompt"), steps=40, batch_size=8, checkpoint_every=4,
+                n_task=32, n_general=8, n_generate=8)
+QUICK = DemoPlan(("lora", "prefix"), steps=16, batch_size=8, checkpoint_every=4, n_task=32, n_general=8,
+                 n_generate=4)
+BUDGET = "50k"  # trainable parameters: prompt tuning reaches it with 87 virtual tokens, prefix with 4
+# Learning rates chosen by the sweep recorded in DEVELOPERS.md (largest hypervolume per method), which
+# `sftlab demo --sweep` reruns: the same arena with SWEEP_LRS.
+LRS = {"full": 3e-5, "lora": 3e-3, "oft": 1e-2, "prefix": 3e-2, "prompt": 1e-1}
+SWEEP_LRS = {"full": [3e-5], "lora": [1e-3, 3e-3], "oft": [3e-3, 1e-2], "prefix": [1e-2, 3e-2],
+             "prompt": [3e-2, 1e-1]}
 
 
-def demo_config(data: DemoData, plan: DemoPlan, output_dir: str, name: str) -> RunConfig:
-    return config_from_dict({
-        "run": {"name": name, "output_dir": output_dir, "seed": 0},
+def demo_arena(data: DemoData, plan: DemoPlan, output_dir: str, name: str, sweep: bool = False) -> dict:
+    """The arena config, as a user would write it in YAML (it is saved next to the results)."""
+    lrs = {m: (SWEEP_LRS[m] if sweep else [LRS[m]]) for m in plan.methods}
+    return {
+        "arena": {"name": name, "output_dir": output_dir, "methods": list(plan.methods), "budgets": [BUDGET],
+                  "lrs": lrs, "task": "classify", "retention": "kl_to_base"},
+        "run": {"seed": 0},
         "model": {"path": "smollm2"},
-        "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": ["all-linear"]},
-        "data": {"train": [{"path": str(data.train)}], "eval": [{"path": str(data.eval)}], "max_length": 192},
-        "train": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": 1e-3, "schedule": "linear",
-                  "warmup": 0.1},
+        "data": {"train": [{"path": str(data.train)}], "max_length": 192},
+        "train": {"steps": plan.steps, "batch_size": plan.batch_size, "schedule": "linear", "warmup": 0.1,
+                  "precision": "bf16"},  # autocast: ~4x faster than fp32 on CPUs with AMX, and on GPUs
         "checkpoint": {"every": plan.checkpoint_every},
         "logging": {"progress": True, "tensorboard": False},
-    })
+        "probes": [
+            {"name": "classify", "path": str(data.eval), "limit": plan.n_task, "labels": list(data.labels)},
+            {"name": "kl_to_base", "n": plan.n_general, "max_length": 128},
+            {"name": "generate", "path": str(data.eval), "limit": plan.n_generate, "max_new_tokens": 6,
+             "labels": list(data.labels), "samples": plan.n_generate},
+        ],
+    }
 
 
-# ------------------------------------------------------------------------------------------- scoring
+def run_demo(quick: bool = False, output_dir: str = "runs", plan: DemoPlan | None = None,
+             sweep: bool = False) -> Path:
+    """Run the demo arena, answer with generation at the base and each method's final checkpoint, print the
+    leaderboard and write the report; returns the arena folder."""
+    import yaml
 
-
-def normalise(text: str) -> str:
-    """Exact match ignores case, surrounding whitespace and a trailing full stop, nothing else."""
-    return text.strip().lower().rstrip(".").strip()
-
-
-def held_out_loss(model, tokenizer, cfg: RunConfig, path: Path, desc: str, limit: int = 0) -> float:
-    """Token-mean loss on the answers (completion-only labels, exactly as training computes it)."""
-    from tqdm.auto import tqdm
-
-    from .data.collate import pad_batch
-    from .data.formats import load_records
-    from .data.tokenize import tokenize_all
-    from .objectives import eval_loss
-
-    records = load_records([DataSource(path=str(path))], cfg.run.seed)
-    records = records[:limit] if limit else records
-    examples, _ = tokenize_all(records, tokenizer, cfg.data)
-    examples.sort(key=lambda e: len(e.input_ids))
-    bs = 16
-    batches = [pad_batch(examples[i:i + bs], tokenizer.pad_token_id) for i in range(0, len(examples), bs)]
-    total, n = 0.0, 0
-    for b in tqdm(batches, desc=desc, unit="batch", leave=False):
-        m = eval_loss(model, [b], "cpu")
-        total += m["eval_loss"] * m["eval_tokens"]
-        n += m["eval_tokens"]
-    return total / max(n, 1)
-
-
-def generate_answers(model, tokenizer, rows: list[dict], desc: str, batch_size: int = 16) -> list[str]:
-    """Greedy replies to each row's user turn (left-padded batches)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out: list[str] = []
-    try:
-        for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
-            prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-                       for r in rows[i:i + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            n = enc["input_ids"].shape[1]
-            out += [tokenizer.decode(g[n:], skip_special_tokens=True).strip() for g in gen]
-    finally:
-        tokenizer.padding_side = side
-    return out
-
-
-def score(model, tokenizer, cfg: RunConfig, data: DemoData, plan: DemoPlan, rows: list[dict], who: str,
-          task_loss: float | None = None) -> dict:
-    """Greedy exact match on `rows`, task loss on all of eval.jsonl (unless given), retention loss."""
-    answers = generate_answers(model, tokenizer, rows, f"{who}: generating")
-    gold = [r["messages"][-1]["content"] for r in rows]
-    correct = [normalise(a) == g for a, g in zip(answers, gold)]
-    if task_loss is None:
-        task_loss = held_out_loss(model, tokenizer, cfg, data.eval, f"{who}: task loss")
-    return {"task_loss": task_loss,
-            "retention_loss": held_out_loss(model, tokenizer, cfg, data.retention, f"{who}: retention loss",
-                                            plan.n_retention),
-            "accuracy": sum(correct) / len(rows), "in_label_set": sum(normalise(a) in data.labels for a in answers)
-            / len(rows), "answers": answers}
-
-
-def final_eval_loss(run_dir: Path) -> float | None:
-    """The eval loss the training loop logged at its last step (same examples, same loss function)."""
-    last = None
-    for line in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("eval"):
-            last = row["eval_loss"]
-    return last
-
-
-# ------------------------------------------------------------------------------------------- the demo
-
-
-def run_demo(quick: bool = False, output_dir: str = "runs/demo", plan: DemoPlan | None = None) -> Path:
-    """Score the base model, train, score the final checkpoint, print the comparison; returns the run dir."""
-    import torch
-
-    from .models import load_model, load_tokenizer, resolve_model
-    from .runs import Run
-    from .train.loop import train
+    from .arena import run_arena
+    from .arena.runner import leaderboard_for
+    from .report import render_report
 
     t0 = time.time()
     plan = plan or (QUICK if quick else FULL)
     data = prepare_assets(verbose=True)
-    name = time.strftime("wiki-topics-%Y%m%d-%H%M%S") + ("-quick" if quick else "")
-    cfg = demo_config(data, plan, output_dir, name)
-    rows = [json.loads(ln) for ln in data.eval.read_text(encoding="utf-8").splitlines()][: plan.n_generate]
-    torch.manual_seed(0)
-    print(f"\nTask: name the topic of a Wikipedia article's opening in one word ({', '.join(data.labels)});\n"
-          f"  e.g. {_article(rows[0])[:90]}... -> {rows[0]['messages'][-1]['content']}")
-
-    print(f"\n[1/3] base model: scoring {len(rows)} held-out articles", flush=True)
-    ref = resolve_model(cfg.model.path)
-    tok = load_tokenizer(ref)
-    before = score(load_model(ref), tok, cfg, data, plan, rows, "base")
-
-    print(f"\n[2/3] LoRA fine-tuning: {plan.steps} steps x {plan.batch_size} examples", flush=True)
-    run_dir = train(cfg)
-
-    print(f"\n[3/3] fine-tuned model: scoring the same {len(rows)} articles", flush=True)
-    model, tok = Run(run_dir).load(merge=True)  # merged: same function, faster forward passes
-    after = score(model, tok, cfg, data, plan, rows, "tuned", task_loss=final_eval_loss(run_dir))
-
-    summary = {"plan": plan.__dict__, "labels": data.labels, "n_generate": len(rows),
-               "majority_baseline": _majority(rows), "before": before, "after": after,
-               "seconds": round(time.time() - t0, 1)}
-    (Path(run_dir) / "demo.json").write_text(json.dumps(summary, indent=1))
-    print(report(summary, rows))
-    print(f"\nrun directory: {run_dir}")
-    print(f"  chat with it:   sftlab chat {run_dir}")
-    print(f"  export it:      sftlab export {run_dir} --merge -o {run_dir}-merged")
-    return Path(run_dir)
+    name = "demo-sweep" if sweep else "demo-quick" if quick else "demo"
+    cfg = demo_arena(data, plan, output_dir, name, sweep)
+    folder = Path(output_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "arena.yaml").write_text(f"# rerun (resumes, skips finished trials): sftlab arena {folder}/arena.yaml\n"
+                                       + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    print(f"\nTask: name the topic of a Wikipedia article's opening in one word ({', '.join(data.labels)}).\n"
+          f"Methods: {', '.join(plan.methods)} at ~{BUDGET} trainable parameters (full: all of them), "
+          f"{plan.steps} steps of {plan.batch_size} examples, scored every {plan.checkpoint_every} steps.",
+          flush=True)
+    run_arena(cfg)
+    if not sweep:
+        _generate_samples(folder)
+    board = leaderboard_for(folder)
+    report = render_report(folder)
+    print(summary(board, time.time() - t0))
+    print(f"\nreport: {report}\narena:  {folder}  (rerun: sftlab arena {folder}/arena.yaml)")
+    return folder
 
 
-def _majority(rows: list[dict]) -> float:
-    gold = [r["messages"][-1]["content"] for r in rows]
-    return max(gold.count(g) for g in set(gold)) / len(gold)
+def _generate_samples(folder: Path) -> None:
+    """Greedy answers at the base (once) and at each finished trial's final checkpoint, for people to read."""
+    from .runs import Run
+    from .scoring import evaluate_run
+
+    meta = json.loads((folder / "arena.json").read_text(encoding="utf-8"))
+    done = [folder / t["run_dir"] for t in meta["trials"] if t["status"] == "done"]
+    print(f"\ngreedy answers for reading: the base and {len(done)} final checkpoint(s)", flush=True)
+    for i, d in enumerate(done):
+        have = {e["step"] for e in Run(d).trajectory() if "generate" in e.get("scores", {})}
+        final = max((e["step"] for e in Run(d).checkpoints() if e.get("path")), default=None)
+        steps = [s for s in ([0] if i == 0 else []) + ([final] if final else []) if s not in have]
+        if steps:
+            evaluate_run(str(d), steps, which="generation", progress=False)
 
 
-def report(s: dict, rows: list[dict]) -> str:
-    b, a = s["before"], s["after"]
-    lines = [
-        "",
-        f"What the run learned (held-out, {s['n_generate']} articles; labels: {', '.join(s['labels'])})",
-        f"  {'':34}{'base':>10}{'tuned':>10}",
-        f"  {'task loss (answer tokens)':34}{b['task_loss']:>10.3f}{a['task_loss']:>10.3f}",
-        f"  {'exact-match accuracy (greedy)':34}{b['accuracy']:>10.1%}{a['accuracy']:>10.1%}"
-        f"   (most common label every time: {s['majority_baseline']:.1%})",
-        f"  {'answers one of the labels':34}{b['in_label_set']:>10.1%}{a['in_label_set']:>10.1%}",
-        "And what it cost (general chit-chat it never trained on)",
-        f"  {'retention loss':34}{b['retention_loss']:>10.3f}{a['retention_loss']:>10.3f}",
-        "",
-        "Samples:",
-    ]
-    for i in _sample_indices(rows, a["answers"]):
-        text = _article(rows[i])
-        lines += [f"  article: {text[:110]}{'...' if len(text) > 110 else ''}",
-                  f"    expected: {rows[i]['messages'][-1]['content']}",
-                  f"    base:     {b['answers'][i]!r}",
-                  f"    tuned:    {a['answers'][i]!r}"]
-    lines.append(f"\ndemo took {s['seconds'] / 60:.1f} min")
+def summary(board: dict, seconds: float) -> str:
+    from .arena import format_leaderboard
+
+    lines = ["", format_leaderboard(board), ""]
+    trials = [t for t in board.get("trials", []) if t.get("kept")]
+    if trials:
+        lines.append("Task accuracy (label scoring, held-out articles; 95% bootstrap CI), final checkpoint:")
+        for t in sorted(trials, key=lambda t: -t["final_task"]):
+            lo, hi = t["final_task_ci"]
+            lines.append(f"  {t['method']:<8}{t['final_task']:>7.1%}  [{lo:.1%}, {hi:.1%}]   KL to base "
+                         f"{t['final_retention']:.4f} nats/token")
+    lines.append(f"\ndemo took {seconds / 60:.1f} min")
     return "\n".join(lines)
-
-
-def _article(row: dict) -> str:
-    """The article text of a task example (the user turn after the question)."""
-    return row["messages"][0]["content"].split("\n\n", 1)[-1]
-
-
-def _sample_indices(rows: list[dict], tuned: list[str]) -> list[int]:
-    """Two the tuned model gets right and one it gets wrong (when there is one): honest samples."""
-    right = [i for i, r in enumerate(rows) if normalise(tuned[i]) == r["messages"][-1]["content"]]
-    wrong = [i for i in range(len(rows)) if i not in set(right)]
-    picked = right[:2] + wrong[:1]
-    return picked + [i for i in range(len(rows)) if i not in picked][: 3 - len(picked)]

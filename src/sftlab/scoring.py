@@ -35,8 +35,9 @@ def score_model(model, tokenizer, probes, ctx: ProbeContext) -> dict:
     rng = torch.get_rng_state()  # scoring must not shift training's dropout stream
     model.eval()
     out = {}
+    device = torch.device(ctx.resolve_device(model))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
             for probe in probes:
                 t0 = time.time()
                 s = probe.score(model, tokenizer, ctx).to_dict()
@@ -66,7 +67,8 @@ def append_scores(run_dir: Path, step: int, scores: dict, extra: dict | None = N
 def context_for(cfg, base_ref, device=None) -> ProbeContext:
     from .models import load_model
 
-    return ProbeContext(device=device, batch_size=cfg.scoring.batch_size, seed=cfg.run.seed,
+    precision = cfg.train.precision if cfg.scoring.precision == "auto" else cfg.scoring.precision
+    return ProbeContext(device=device, batch_size=cfg.scoring.batch_size, seed=cfg.run.seed, precision=precision,
                         base_id=base_ref.sha256 or base_ref.location,
                         load_base=lambda: load_model(base_ref, cfg.model.dtype, cfg.model.trust_remote_code))
 

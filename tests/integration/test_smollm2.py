@@ -100,15 +100,21 @@ def test_chat_answers_lines_from_stdin(smol_run):
 
 
 def test_demo_end_to_end_in_miniature(tmp_path, capsys):
+    """The demo arena on the real model, cut to two methods x 2 steps: trials, leaderboard, samples, report."""
     from sftlab.demo import DemoPlan, run_demo
 
-    plan = DemoPlan(steps=2, batch_size=2, n_generate=4, n_retention=4, checkpoint_every=0)
-    run = run_demo(output_dir=str(tmp_path), plan=plan)
+    plan = DemoPlan(("lora", "prompt"), steps=2, batch_size=2, checkpoint_every=1, n_task=4, n_general=2,
+                    n_generate=2)
+    folder = run_demo(output_dir=str(tmp_path), plan=plan)
     out = capsys.readouterr().out
-    assert run.parent == tmp_path and (run / "trajectory.jsonl").is_file()
-    s = json.loads((run / "demo.json").read_text())
-    for who in ("before", "after"):
-        assert len(s[who]["answers"]) == 4
-        assert 0 <= s[who]["accuracy"] <= 1 and s[who]["task_loss"] > 0 and s[who]["retention_loss"] > 0
-    assert s["after"]["task_loss"] < s["before"]["task_loss"]
-    assert "exact-match accuracy" in out and "Samples:" in out and f"run directory: {run}" in out
+    assert folder == tmp_path / "demo" and (folder / "report.html").is_file() and (folder / "arena.yaml").is_file()
+    meta = json.loads((folder / "arena.json").read_text())
+    assert [t["status"] for t in meta["trials"]] == ["done", "done"]
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert {r["method"] for r in board["rows"]} == {"lora", "prompt"}
+    for t in meta["trials"]:
+        entries = [json.loads(x) for x in (folder / t["run_dir"] / "trajectory.jsonl").read_text().splitlines()]
+        scored = sorted({e["step"] for e in entries if "classify" in e.get("scores", {})})
+        assert scored == [0, 1, 2]
+        assert any("generate" in e.get("scores", {}) and e["step"] == 2 for e in entries)  # final answers kept
+    assert "HV" in out and "report:" in out and "Task accuracy" in out

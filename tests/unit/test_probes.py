@@ -460,3 +460,21 @@ def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
     assert [r[1:] for r in flat_grouped] == [r[1:] for r in plain]  # counts and argmax hits
     assert [r[0] for r in flat_grouped] == pytest.approx([r[0] for r in plain], abs=1e-4)
     assert len({r[0] for r in plain}) > 4  # the answers really score differently
+
+
+def test_bf16_scoring_has_its_own_base_cache(tiny, tokenizer, tmp_path, ctx):
+    """Probes under bf16 autocast (scoring.precision): the base against itself is still exactly 0, the cached
+    base outputs are kept apart from the fp32 ones, and the numbers stay close to fp32's."""
+    from sftlab.scoring import score_model
+
+    probe = kl_probe(text_file(tmp_path / "t.jsonl"))
+    held = build_probe("heldout_loss", {"path": str(write_jsonl(tmp_path / "c.jsonl", memorisable_chats(8)))})
+    fp32 = dataclasses.replace(ctx, base_model=tiny)
+    bf16 = dataclasses.replace(fp32, precision="bf16")
+    a = score_model(tiny, tokenizer, [probe, held], fp32)
+    b = score_model(tiny, tokenizer, [probe, held], bf16)
+    assert a["kl_to_base"]["value"] == 0 and b["kl_to_base"]["value"] == 0
+    assert a["kl_to_base"]["extra"]["cache_file"] != b["kl_to_base"]["extra"]["cache_file"]
+    assert b["heldout_loss"]["value"] == pytest.approx(a["heldout_loss"]["value"], rel=0.02)
+    assert b["heldout_loss"]["value"] != a["heldout_loss"]["value"]  # bf16 really ran
+    assert not torch.is_autocast_enabled("cpu")

@@ -98,6 +98,11 @@ def load_arena(path: str | Path, overrides: list[str] = ()) -> tuple[ArenaSectio
     if not isinstance(data, dict) or not isinstance(data.get("arena", {}), dict):
         raise ConfigError(f"{p}: an arena config is a run config plus an 'arena:' section")
     apply_overrides(data, list(overrides))
+    return arena_from_dict(data)
+
+
+def arena_from_dict(data: dict) -> tuple[ArenaSection, dict]:
+    data = copy.deepcopy(data)
     arena = from_dict(ArenaSection, data.pop("arena", {}) or {}, "arena")
     if "method" in data:
         raise ConfigError("method: an arena config has no method section; list methods in arena.methods and "

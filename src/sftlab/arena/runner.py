@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import SftlabError
 from .leaderboard import TrialResult, build_leaderboard, format_leaderboard
-from .plan import ArenaSection, Trial, load_arena, plan_trials, trial_hash, trials_table
+from .plan import ArenaSection, Trial, arena_from_dict, load_arena, plan_trials, trial_hash, trials_table
 
 
 def trial_state(trial: Trial) -> str:
@@ -95,8 +95,9 @@ def _free_memory() -> None:
         pass
 
 
-def run_arena(path: str, overrides: list[str] = (), plan_only: bool = False) -> Path:
-    arena, base = load_arena(path, overrides)
+def run_arena(path: str | dict, overrides: list[str] = (), plan_only: bool = False) -> Path:
+    """Run (or resume) the arena of a config file, or of a config dict (as read from YAML); returns its folder."""
+    arena, base = arena_from_dict(path) if isinstance(path, dict) else load_arena(path, overrides)
     trials = plan_trials(arena, base)
     folder = arena.folder
     print(f"arena {arena.name}: {len(trials)} trials ({sum(t.refused for t in trials)} refused) -> {folder}")

@@ -61,6 +61,7 @@ class ProbeContext:
     base_model: Any = None  # the base model itself, when already loaded
     load_base: Callable[[], Any] | None = None  # or how to load it (only called when the cache misses)
     n_boot: int = 1000  # bootstrap resamples per score
+    precision: str = "fp32"  # "bf16": forward passes under bf16 autocast (score_model applies it)
 
     def resolve_device(self, model):
         if self.device is not None:

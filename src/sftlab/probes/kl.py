@@ -144,11 +144,14 @@ def full_vocab_kl(base, model, examples, pad: int, batch_size: int, device) -> l
     return [(sums[i], len(e.input_ids)) for i, e in enumerate(examples)]
 
 
-def cache_key(base_id: str, texts: list[str], examples, k: int, tail: int, max_length: int, tokenizer) -> str:
+def cache_key(base_id: str, texts: list[str], examples, k: int, tail: int, max_length: int, tokenizer,
+              precision: str = "fp32") -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"version": CACHE_VERSION, "base": base_id, "k": k, "tail": tail,
-                         "max_length": max_length, "tokenizer": [type(tokenizer).__name__, len(tokenizer)]},
-                        sort_keys=True).encode())
+    what = {"version": CACHE_VERSION, "base": base_id, "k": k, "tail": tail, "max_length": max_length,
+            "tokenizer": [type(tokenizer).__name__, len(tokenizer)]}
+    if precision != "fp32":  # the base's outputs in another precision are other numbers
+        what["precision"] = precision
+    h.update(json.dumps(what, sort_keys=True).encode())
     for t, e in zip(texts, examples):
         h.update(hashlib.sha256(t.encode("utf-8")).digest())
         h.update(json.dumps(e.input_ids).encode())
@@ -201,7 +204,7 @@ class KLToBase(BaseProbe):
         if not base_id:  # no identity given: fingerprint the base weights (loads the base)
             base = self._base(ctx)
             base_id = "fingerprint:" + model_fingerprint(base)
-        key = cache_key(base_id, texts, examples, o.k, o.tail_samples, o.max_length, tokenizer)
+        key = cache_key(base_id, texts, examples, o.k, o.tail_samples, o.max_length, tokenizer, ctx.precision)
         path = Path(ctx.cache_dir) / f"kl-top{o.k}-tail{o.tail_samples}-{key[:32]}.safetensors"
         ref = load_cache(path, key)
         if ref is not None:
