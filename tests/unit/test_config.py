@@ -27,8 +27,16 @@ def test_example_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_example_config_loads(path):
-    cfg = load_config(path)
-    assert cfg.method.name in METHODS
+    import yaml
+
+    if "arena" in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}):
+        from sftlab.arena import load_arena
+
+        arena, _ = load_arena(path)  # validates the shared run sections too
+        assert all(m in METHODS or m == "dora" for m in arena.methods)
+    else:
+        cfg = load_config(path)
+        assert cfg.method.name in METHODS
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("#") and "sftlab " in first, f"{path.name}: start with the command that runs it"
 
