@@ -23,7 +23,8 @@ torch = pytest.importorskip("torch")
 
 TEXTS = [f"The {w} number {i} is a sentence about {w}s, tea and other things, written for testing probes."
          for i, w in enumerate(["cat", "dog", "bird", "fish", "tree", "house", "river", "stone"])]
-REQUIRED = {"path": "unused.jsonl"}  # options that have no usable default
+REQUIRED = {"path": "unused.jsonl", "tasks": ["unused"],  # options that have no usable default
+            "cheap": "yes"}  # lm_eval: `auto` would load the tasks to find their output types
 
 
 def load(folder: Path):
