@@ -95,6 +95,28 @@ def test_frontier_and_rewind_on_a_clean_run(lora_run, tmp_path, capsys):
     assert (dest / "adapter_config.json").is_file() or (dest / "config.json").is_file()
 
 
+def test_planted_overshoot_with_a_high_learning_rate_is_detected(lora_run, tmp_path, files, capsys):
+    """Full fine-tuning at lr 1.0 without clipping wrecks the model within a few Adam steps (every weight moves
+    by ~lr per step, 50x the weights' scale): the final checkpoint is far worse on both axes than where the run
+    started, beyond the confidence intervals. Detected, explained, and rewinding picks an earlier point. (A
+    chaotic mid-run optimum is not needed for the check, and on two machines it did not reproduce.)"""
+    model_dir = Run(lora_run.run_dir).base_ref().location
+    t = train(tmp_path, model_dir, files, "hot", method={"name": "full"},
+              train={"lr": 1.0, "max_grad_norm": 0.0, "steps": 6, "max_bad_steps": 6})
+    from sftlab.rewinding import run_points
+    from sftlab.trajectory import overshoot
+
+    points, _, _ = run_points(t.run_dir)
+    assert overshoot(points), [(p.step, p.task, p.retention) for p in points]
+    assert main(["frontier", str(t.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "overshoot: the final checkpoint (step 6) is dominated" in out
+    assert main(["rewind", str(t.run_dir), "--policy", "knee"]) == 0
+    out = capsys.readouterr().out
+    chosen = int(out.split("chosen: step")[1].split()[0].strip(",.:"))
+    assert chosen < 6
+
+
 def test_rewind_search_between_checkpoints(lora_run, tmp_path, capsys):
     dest = tmp_path / "between"
     assert main(["rewind", str(lora_run.run_dir), "--policy", "knee", "--search", "--alphas", "0.5,1.0",
