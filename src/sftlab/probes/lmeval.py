@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import math
 import numbers
 import os
@@ -225,8 +226,15 @@ class LmEval(BaseProbe):
         o = self.options
         tasks = self.tasks()
         with seeded_rngs(ctx.seed):
-            # HFLM sets a pad token on the tokenizer it gets when there is none: a copy, not the run's own
-            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=o.batch_size or ctx.batch_size)
+            # HFLM sets a pad token on the tokenizer it gets when there is none: a copy, not the run's own. Its
+            # warnings that a model object (not a name) was passed are what we mean, at every checkpoint: quiet
+            log = logging.getLogger("lm_eval.models.huggingface")
+            level, _ = log.level, log.setLevel(logging.ERROR)
+            try:
+                lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
+                          batch_size=o.batch_size or ctx.batch_size)
+            finally:
+                log.setLevel(level)
             samples = self._prepare(tasks, ctx.seed)
             try:
                 return evaluate(lm=lm, task_dict={"tasks": tasks}, samples=samples, bootstrap_iters=0,
