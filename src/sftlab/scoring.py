@@ -82,8 +82,10 @@ def base_scores_file(cfg, base_ref) -> Path:
     from .models import cache_root, file_sha256
 
     probes = [{"name": p.name, "options": asdict(p.options)} for p in cfg.probes]
-    files = sorted({v for p in probes for v in p["options"].values() if isinstance(v, str) and v and os.path.isfile(v)})
+    values = [x for p in probes for v in p["options"].values() for x in (v if isinstance(v, list) else [v])]
+    files = sorted({v for v in values if isinstance(v, str) and v and os.path.isfile(v)})  # lists: lm_eval tasks
     key = {"version": 1, "base": base_ref.sha256 or str(base_ref.location), "model": asdict(cfg.model),
+           **({"quantization": asdict(cfg.quantization)} if cfg.quantization.enabled else {}),
            "scoring": asdict(cfg.scoring), "precision": cfg.train.precision, "seed": cfg.run.seed,
            "probes": probes, "files": {f: file_sha256(f) for f in files}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -71,8 +71,13 @@ def group_logprobs(model, groups: list[list[Example]], pad: int, batch_size: int
             out.append(res[at:at + len(g)])
             at += len(g)
         return out
+    order = length_batches(groups, batch_size, length=lambda g: len(g[0].input_ids))  # batch_size prompts
+    out: list = [None] * len(groups)
     with scoring(model):
-        return [_group(model, g, pad, device, chunk) for g in groups]
+        for idx in order:
+            for i, r in zip(idx, _groups_batch(model, [groups[i] for i in idx], pad, device, chunk)):
+                out[i] = r
+    return out
 
 
 def _cache_reusable(model) -> bool:
@@ -99,24 +104,49 @@ def _shared_prefix(group: list[Example]) -> int:
     return n
 
 
-def _group(model, group: list[Example], pad: int, device, chunk: int) -> list[tuple[float, int, int]]:
-    P = _shared_prefix(group)
-    if P < 1:
-        return example_logprobs(model, group, pad, len(group), device, chunk)
-    batch = to_device(pad_batch(group, pad), device)  # (G, L): targets, mask, ids of the whole sequences
-    G, L = batch["input_ids"].shape
-    name = _cache_arg(model)  # transformers renamed past_key_values to cache (5.2x); accept either
+def _groups_batch(model, groups: list[list[Example]], pad: int, device, chunk: int) -> list[list]:
+    """Several groups at once: their shared prefixes right-padded into one batch and run once, the cache
+    repeated per continuation, the continuations in one batch (their positions continue each prefix)."""
+    P = [_shared_prefix(g) for g in groups]
+    if min(P) < 1:
+        return [example_logprobs(model, g, pad, len(g), device, chunk) for g in groups]
+    flat = [e for g in groups for e in g]
+    owner = [i for i, g in enumerate(groups) for _ in g]  # group of each continuation
+    Pmax, name = max(P), _cache_arg(model)  # transformers renamed past_key_values to cache (5.2x)
+    pre_ids = torch.full((len(groups), Pmax), pad, dtype=torch.long)
+    pre_mask = torch.zeros((len(groups), Pmax), dtype=torch.long)
+    for i, g in enumerate(groups):
+        pre_ids[i, :P[i]] = torch.tensor(g[0].input_ids[:P[i]])
+        pre_mask[i, :P[i]] = 1
+    T = max(len(e.input_ids) - P[o] for e, o in zip(flat, owner))
+    cont_ids = torch.full((len(flat), T), pad, dtype=torch.long)
+    cont_mask = torch.zeros((len(flat), T), dtype=torch.long)
+    for k, (e, o) in enumerate(zip(flat, owner)):
+        cont_ids[k, :len(e.input_ids) - P[o]] = torch.tensor(e.input_ids[P[o]:])
+        cont_mask[k, :len(e.input_ids) - P[o]] = 1
+    idx = torch.tensor(owner)
+    pre_ids, pre_mask, cont_ids, cont_mask, idx = to_device(
+        {"a": pre_ids, "b": pre_mask, "c": cont_ids, "d": cont_mask, "e": idx}, device).values()
     with head_removed(model) as head:
-        pre = model(input_ids=batch["input_ids"][:1, :P], use_cache=True)
+        pre = model(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True)
         cache = getattr(pre, name)
-        for layer in cache.layers:  # the prompt's keys and values, once per continuation
-            layer.batch_repeat_interleave(G)
-        mask = batch["attention_mask"]  # (G, L): the prefix is real for every row
-        pos = torch.arange(P, L, device=mask.device).expand(G, -1)
-        cont = model(input_ids=batch["input_ids"][:, P:], attention_mask=mask, position_ids=pos,
-                     use_cache=True, **{name: cache}).logits  # (G, L - P, H)
-    hidden = torch.cat([pre.logits.expand(G, -1, -1), cont], dim=1)  # (G, L, H)
-    return _span_logprobs(hidden, batch["targets"], head, chunk)
+        for layer in cache.layers:  # each prompt's keys and values, once per continuation of it
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        pos = torch.tensor([P[o] for o in owner], device=cont_ids.device)[:, None] + torch.arange(
+            T, device=cont_ids.device)  # (N, T): positions continue each prompt (its padding is masked)
+        cont = model(input_ids=cont_ids, attention_mask=torch.cat([pre_mask[idx], cont_mask], 1), position_ids=pos,
+                     use_cache=True, **{name: cache}).logits  # (N, T, H)
+    batch = to_device(pad_batch(flat, pad), device)  # targets of the whole sequences, (N, L)
+    hidden = cont.new_zeros((len(flat), batch["targets"].shape[1], cont.shape[-1]))  # (N, L, H)
+    for k, o in enumerate(owner):
+        n = len(flat[k].input_ids)
+        hidden[k, :P[o]] = pre.logits[o, :P[o]]
+        hidden[k, P[o]:n] = cont[k, :n - P[o]]
+    res, out, at = _span_logprobs(hidden, batch["targets"], head, chunk), [], 0
+    for g in groups:
+        out.append(res[at:at + len(g)])
+        at += len(g)
+    return out
 
 
 def _span_logprobs(hidden, targets, head, chunk: int) -> list[tuple[float, int, int]]:
