@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from conftest import build_tiny_model, memorisable_chats, write_jsonl
+import sftlab.train.loop  # noqa: F401  (import torch/transformers now, not first under capsys in a test)
 from sftlab.cli import main
 from sftlab.train.checkpoint import PAUSE_ENV, find_resume, hash_files, read_trajectory
 
@@ -170,61 +171,42 @@ def adapter(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
 
 
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, capsys):
-    model_dir = build_tiny_model(tmp_path / "model", dropout=0.1)
-    rng = random.Random(20240607)
-    zygote = Zygote()
-    try:
-        ref_cfg = write_config(tmp_path, model_dir, "reference")
-        pid = zygote.start(["train", str(ref_cfg)], tmp_path / "reference.log")
-        assert zygote.wait(pid)["rc"] == 0, (tmp_path / "reference.log").read_text()
-        ref = tmp_path / "runs" / "reference"
+def kill_once(zygote: Zygote, cfg: Path, run: Path, trial: int, target: int, rng: random.Random, capsys) -> bool:
+    """Start (or resume) the chain, SIGKILL it at a random moment, check what it left. True when the kill
+    left a checkpoint or resume write half-done."""
+    log = cfg.parent / f"trial-{trial}.log"
+    argv = ["train", str(cfg)] + (["--resume"] if trial else [])
+    paused = trial == PAUSED_TRIAL
+    pid = zygote.start(argv, log, {PAUSE_ENV: "60"} if paused else {})
+    # the loop has started (after the resume truncated old metrics lines)
+    wait_for(lambda: "trainable of" in log.read_text(), 120, "training to start", log)
+    if paused:
+        line = wait_for(lambda: [ln for ln in log.read_text().splitlines() if "paused before rename" in ln],
+                        120, "the checkpoint pause", log)[0]
+        tmp_ckpt = Path(line.split(": ", 2)[2])
+        assert (tmp_ckpt / "adapter_model.safetensors").is_file()  # written, not yet renamed
+    else:
+        if trial == 0:  # a second training into the same run directory is refused while this one runs
+            capsys.readouterr()
+            assert main(["train", str(cfg), "--resume"]) == 2
+            assert f"another training (pid {pid})" in capsys.readouterr().err
+        wait_for(lambda: last_metric_step(run) >= target, 120, f"step {target}", log)
+        time.sleep(rng.uniform(0.0, 0.25))  # somewhere in the next step(s): compute, checkpoint, resume
+    os.kill(pid, signal.SIGKILL)
+    status = zygote.wait(pid)
+    assert status["signal"] == signal.SIGKILL, (status, log.read_text())
+    found = check_after_kill(run)
+    print(f"kill {trial}: after step {last_metric_step(run)} (target {target}); inside a checkpoint or "
+          f"resume write: {found['in_checkpoint_write']}", file=sys.__stderr__)  # capsys holds stdout
+    if paused:  # the half-written checkpoint is not a checkpoint
+        step = tmp_ckpt.name.removeprefix(".tmp-").rsplit("-", 1)[0]
+        assert tmp_ckpt.exists() and not (run / "checkpoints" / step).exists()
+        assert step not in [Path(e["path"]).name for e in read_trajectory(run)]
+    stale_lock_is_reported_then_cleared(cfg, run, capsys)
+    return found["in_checkpoint_write"]
 
-        cfg = write_config(tmp_path, model_dir, "chain")
-        run = tmp_path / "runs" / "chain"
-        targets = sorted(rng.sample(range(2, STEPS - 2), KILLS))  # the step after which each kill comes
-        seen = {"in_checkpoint_write": 0}
-        for trial, target in enumerate(targets):
-            log = tmp_path / f"trial-{trial}.log"
-            argv = ["train", str(cfg)] + (["--resume"] if trial else [])
-            env = {PAUSE_ENV: "60"} if trial == PAUSED_TRIAL else {}
-            pid = zygote.start(argv, log, env)
-            # the loop has started (after the resume truncated old metrics lines)
-            wait_for(lambda: "trainable of" in log.read_text(), 120, "training to start", log)
-            if trial == PAUSED_TRIAL:
-                line = wait_for(lambda: [ln for ln in log.read_text().splitlines() if "paused before rename" in ln],
-                                120, "the checkpoint pause", log)[0]
-                tmp_ckpt = Path(line.split(": ", 2)[2])
-                assert (tmp_ckpt / "adapter_model.safetensors").is_file()  # written, not yet renamed
-            else:
-                if trial == 0:  # a second training into the same run directory is refused while this one runs
-                    capsys.readouterr()
-                    assert main(["train", str(cfg), "--resume"]) == 2
-                    assert f"another training (pid {pid})" in capsys.readouterr().err
-                wait_for(lambda: last_metric_step(run) >= target, 120, f"step {target}", log)
-                time.sleep(rng.uniform(0.0, 0.25))  # somewhere in the next step(s): compute, checkpoint, resume
-            os.kill(pid, signal.SIGKILL)
-            status = zygote.wait(pid)
-            assert status["signal"] == signal.SIGKILL, (status, log.read_text())
-            found = check_after_kill(run)
-            seen["in_checkpoint_write"] += found["in_checkpoint_write"]
-            print(f"kill {trial}: after step {last_metric_step(run)} (target {target}); inside a checkpoint or "
-                  f"resume write: {found['in_checkpoint_write']}", file=sys.__stderr__)  # capsys holds stdout
-            if trial == PAUSED_TRIAL:
-                final = run / "checkpoints" / tmp_ckpt.name.removeprefix(".tmp-").rsplit("-", 1)[0]
-                assert tmp_ckpt.exists() and not final.exists() and final.name not in (run / "trajectory.jsonl") \
-                    .read_text() if (run / "trajectory.jsonl").exists() else True
-            stale_lock_is_reported_then_cleared(cfg, run, capsys)
-        assert seen["in_checkpoint_write"] >= 1
-    finally:
-        zygote.close()
 
-    # the real console entry point finishes the run
-    proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--resume"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming" in proc.stdout
-
+def assert_same_as_reference(run: Path, ref: Path) -> None:
     entries, ref_entries = read_trajectory(run), read_trajectory(ref)
     assert [e["step"] for e in entries] == list(range(EVERY, STEPS + 1, EVERY))
     for e in entries:
@@ -239,3 +221,27 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, ca
     assert [e["sha256"] for e in entries] == [e["sha256"] for e in ref_entries]
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, capsys):
+    model_dir = build_tiny_model(tmp_path / "model", dropout=0.1)
+    rng = random.Random(20240607)
+    zygote = Zygote()
+    try:
+        ref_cfg = write_config(tmp_path, model_dir, "reference")
+        pid = zygote.start(["train", str(ref_cfg)], tmp_path / "reference.log")
+        assert zygote.wait(pid)["rc"] == 0, (tmp_path / "reference.log").read_text()
+        cfg = write_config(tmp_path, model_dir, "chain")
+        run = tmp_path / "runs" / "chain"
+        targets = sorted(rng.sample(range(2, STEPS - 2), KILLS))  # the step after which each kill comes
+        mid_write = sum(kill_once(zygote, cfg, run, trial, target, rng, capsys)
+                        for trial, target in enumerate(targets))
+        assert mid_write >= 1
+    finally:
+        zygote.close()
+    # the real console entry point finishes the run
+    proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--resume"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout
+    assert_same_as_reference(run, tmp_path / "runs" / "reference")

@@ -13,6 +13,7 @@ import json
 import pickle
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +75,23 @@ def hostile(tmp_path_factory, tiny_model_dir) -> dict:
 @pytest.fixture(scope="module")
 def good_chats(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("good") / "chats.jsonl", memorisable_chats(8))
+
+
+@pytest.fixture(autouse=True)
+def third_party_logs_to_the_terminal():
+    """transformers and huggingface_hub bind their log handlers to whatever sys.stderr was when they were first
+    imported, which may be an earlier test's capture, closed since; point those at the real stderr so that
+    captured stderr is sftlab's alone (and a third-party warning does not turn into a logging error)."""
+    import logging
+
+    import transformers  # noqa: F401  (configures its loggers)
+
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers + [logging.getLogger("transformers"), logging.getLogger("huggingface_hub")]:
+        for h in getattr(logger, "handlers", []):
+            if type(h) is logging.StreamHandler and (h.stream is not sys.__stderr__ or h.stream.closed):
+                h.stream = sys.__stderr__  # not setStream: it flushes the old stream, which may be closed
+                h.__dict__.pop("flush", None)  # transformers pins flush to the stderr of its import time
 
 
 def run_and_check(cfg_path: Path, out: Path, place: str, advice: list[str], capsys) -> str:
@@ -138,8 +156,8 @@ def test_bad_config_model_or_tokenizer(name, case, tmp_path, tiny_model_dir, hos
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     data = CORPUS / "data" / "broken_json.jsonl"
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"run": {"output_dir": str(tmp_path / "out")}, "model": {"path": str(tiny_model_dir)},
-                                    "data": {"train": [{"path": str(data)}]}}))
+    path.write_text(yaml.safe_dump({"run": {"output_dir": str(tmp_path / "out")},
+                                    "model": {"path": str(tiny_model_dir)}, "data": {"train": [{"path": str(data)}]}}))
     with pytest.raises(DataError, match=rf"{data}:2: not valid JSON"):
         main(["--debug", "train", str(path)])
 

@@ -156,7 +156,13 @@ def check_resume_config(run_dir: Path, cfg) -> None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
-    old = _flatten(yaml.safe_load(path.read_text()) or {})
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:  # read with today's fields: one added since the run started takes its default, not "changed"
+        from ..config import config_from_dict
+
+        old = _flatten(config_from_dict(raw).to_dict())
+    except Exception:  # a field since removed or renamed: compare the file as written
+        old = _flatten(raw)
     new = _flatten(cfg.to_dict())
     changed = sorted(k for k in set(old) | set(new)
                      if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE))
