@@ -85,6 +85,16 @@ def test_wide_matrices_decompose_like_tall_ones():
     assert torch.allclose(wts.svdvals(w), torch.linalg.svdvals(w), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)])
+def test_gram_shortcuts_match_the_svd(shape):
+    w = base_weight(*shape, seed=4)
+    ref = wts.svd(w)
+    top = wts.top_left_vectors(w, 10)  # (m, 10)
+    assert top.shape == (shape[0], 10)
+    assert (ref.U[:, :10] * top).sum(0).abs() == pytest.approx([1.0] * 10, abs=1e-4)  # same vectors up to sign
+    assert wts.gram_singular_values(w).tolist() == pytest.approx(ref.S.tolist(), abs=1e-5)
+
+
 def test_smoothness_is_zero_for_a_line_and_large_for_spikes():
     assert wts.smoothness(torch.arange(20.0)) == pytest.approx(0.0, abs=1e-12)
     spiky = torch.zeros(20)

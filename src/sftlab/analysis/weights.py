@@ -16,9 +16,12 @@ method's update merged in, dW = Wft - W0:
 - for rotation methods (OFT, BOFT), alignment |cos(v_i(W0), v_i(Wft))| per index: a pure input rotation
   keeps the singular values and turns the right singular vectors.
 
-Every SVD is of the tall orientation (a wide matrix is decomposed transposed, U and V swapped): LAPACK is
-1.5-3x faster that way for the 576x1536 down projections of SmolLM2. W0's SVD does not depend on the
-checkpoint: `SVDCache` computes it once per base and module and keeps it for every step.
+W0's thin SVD is exact (float32 torch.linalg.svd, of the tall orientation: a wide matrix is decomposed
+transposed, 1.5x faster for SmolLM2's 576x1536 down projections) and does not depend on the checkpoint:
+`SVDCache` computes it once per base and module and keeps it for every step. Per step, Wft's top-k vectors
+and dW's singular values come from the eigendecomposition of the smaller Gram matrix (3x and 1.3x faster
+than SVDs, and exact for what is used: the top of the spectrum and sums of squares); rotation methods
+get Wft's full SVD, as alignment compares every right singular vector.
 """
 
 from __future__ import annotations
@@ -51,6 +54,32 @@ def svdvals(w: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, float32) of `w`, tall orientation."""
     w = w.detach().float()
     return torch.linalg.svdvals(w.T if w.shape[0] < w.shape[1] else w)
+
+
+def gram_singular_values(w: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64) from the eigenvalues of the smaller Gram matrix, in float64.
+
+    Exact where it matters here (the largest values and the sums of squares behind the effective and
+    energy ranks); values below ~1e-8 of the largest come out as noise or 0. 1.3-2x faster than svdvals."""
+    w = w.detach().double()
+    g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # (r, r), r = min(m, n)
+    return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt()
+
+
+def top_left_vectors(w: torch.Tensor, k: int) -> torch.Tensor:
+    """(m, k) the top-k left singular vectors of `w` (m, n), from the smaller Gram matrix's eigenvectors.
+
+    3x faster than a full SVD of SmolLM2's 1536x576 weights. Squaring the matrix costs accuracy only for
+    singular values far below the largest, not for the top k (the vectors intruders are about)."""
+    w = w.detach().float()
+    m, n = w.shape
+    k = min(k, m, n)
+    if m <= n:
+        return torch.linalg.eigh(w @ w.T).eigenvectors[:, -k:].flip(1)  # eigh sorts ascending
+    vals, vecs = torch.linalg.eigh(w.T @ w)
+    v = vecs[:, -k:].flip(1)  # (n, k) top right singular vectors
+    u = w @ v  # (m, k) = U_k diag(s_k)
+    return u / u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)
 
 
 class SVDCache:
@@ -142,14 +171,14 @@ def module_metrics(w0: torch.Tensor, wft: torch.Tensor, base: SVD | None = None,
     if not torch.any(dw):
         return {"changed": False, "shape": list(w0.shape)}
     b = base if base is not None else svd(w0)
-    s_dw = svdvals(dw)  # (r,)
+    s_dw = gram_singular_values(dw)  # (r,)
     dp = ((b.U.T @ wft) * b.Vh).sum(1).sub(b.S).abs()  # (r,) |u_i^T Wft v_i - s_i|
     e = (dw @ b.Vh.T).norm(dim=0)  # (r,) ||dW v_i||
-    ft = svd(wft)
+    ft = svd(wft) if rotation else None  # alignment needs every right singular vector of Wft
     if side == "left":
-        idx, cos = intruders(b.U, ft.U, k, eps)
+        idx, cos = intruders(b.U, ft.U if ft else top_left_vectors(wft, k), k, eps)
     else:
-        idx, cos = intruders(b.Vh.T, ft.Vh.T, k, eps)
+        idx, cos = intruders(b.Vh.T, ft.Vh.T if ft else top_left_vectors(wft.T, k), k, eps)
     out = {
         "changed": True, "shape": list(w0.shape),
         "rel_update_spectral": float(s_dw[0] / b.S[0]),
