@@ -30,11 +30,11 @@ def config(tmp_path, model_dir, out=None, method=None, steps=6):
 def failing_at(step: int, error: BaseException, real=ckpt.save_weights):
     """save_weights that writes half a checkpoint at `step`, then fails like a full disk."""
 
-    def save(model, peft, folder):
+    def save(model, peft, folder, *rest, **kw):
         if folder.name.startswith(f".tmp-step-{step:06d}"):
             (folder / "adapter_model.safetensors").write_bytes(b"\0" * 100)  # a torn file
             raise error
-        real(model, peft, folder)
+        real(model, peft, folder, *rest, **kw)
 
     return save
 
