@@ -182,3 +182,20 @@ def test_a_1gb_line_is_refused_fast_without_reading_it(tmp_path, tiny_model_dir,
     assert time.perf_counter() - t0 < 10
     grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grew_mib < 200, f"peak memory grew by {grew_mib:.0f} MiB: the line was read whole"
+
+
+def test_a_tampered_resume_state_is_never_unpickled(tmp_path, tiny_model_dir, good_chats, capsys):
+    """resume/state.pt is read with torch.load(weights_only=True): a pickle that would run code is refused."""
+    out = tmp_path / "out"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "run", "output_dir": str(out)},
+                                    "model": {"path": str(tiny_model_dir)},
+                                    "data": {"train": [{"path": str(good_chats)}]},
+                                    "train": {"steps": 1, "batch_size": 4, "threads": 1},
+                                    "logging": {"progress": False, "tensorboard": False}}))
+    assert main(["train", str(path)]) == 0
+    marker = tmp_path / "STATE_UNPICKLED"
+    (out / "run" / "resume" / "state.pt").write_bytes(pickle.dumps({"optimizer": Pwn(marker)}))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        main(["train", str(path), "train.steps=2", "--resume"])
+    assert not marker.exists()
