@@ -45,8 +45,8 @@ class TokenizeStats:
 def use_chat_template(tokenizer, template: str) -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has:
-        raise ModelError("data.template: 'chat' but the tokenizer has no chat template; use data.template=raw "
-                         "or a model with a chat template")
+        raise ModelError("data.template: 'chat' but the tokenizer has no chat template; use a model whose "
+                         "tokenizer has one (data.template=raw works for prompt/completion and text data only)")
     return has if template == "auto" else template == "chat"
 
 
