@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
     lora = train(tmp, model_dir, data, "lora", {"name": "lora", "r": R, "alpha": ALPHA})
     prompt = train(tmp, model_dir, data, "prompt", {"name": "prompt", "num_virtual_tokens": 4})
     oft = train(tmp, model_dir, data, "oft", {"name": "oft", "block_size": 16})
-    return {"lora": lora, "prompt": prompt, "oft": oft}
+    return {"lora": lora, "prompt": prompt, "oft": oft, "model": model_dir, "data": data}
 
 
 def test_lora_update_through_the_merge_path_is_b_a_times_scale(runs):
@@ -128,6 +128,25 @@ def test_oft_rotations_keep_the_spectrum_and_report_alignment(runs):
     # merged through PEFT, an OFT update is a rotation of the input: same singular values, turned vectors
     torch.testing.assert_close(wts.svdvals(tuned[name].weight), wts.svdvals(base[name].weight), atol=1e-4, rtol=1e-4)
     assert min(w["modules"][name]["alignment"]) < 0.9999
+
+
+@pytest.mark.slow  # three more trainings
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "ia3"}, {"name": "prefix", "num_virtual_tokens": 4}])
+def test_other_methods_analyse_end_to_end(runs, tmp_path, method):
+    """Full weights, IA3's rescaling (only some modules change) and prefix tuning (past key/values)."""
+    d = train(tmp_path, runs["model"], runs["data"], method["name"], method)
+    assert main(["analyze", str(d), "--texts", "2", "--max-length", "16", "--no-progress"]) == 0
+    w = json.loads((d / "analysis" / "weights-step-000004.json").read_text())
+    a = json.loads((d / "analysis" / "activations-step-000004.json").read_text())
+    assert a["sets"]["general"]["layers"]["1"]["block"]["cosine_drift"] > 0
+    if method["name"] == "prefix":
+        assert not w["weight_change"] and w["modules"] == {}
+        return
+    changed = [n for n, m in w["modules"].items() if m["changed"]]
+    assert changed and set(a["sets"]["general"]["response"]) == set(changed)
+    if method["name"] == "ia3":  # keys, values and the MLP's down projection only
+        assert len(changed) < len(w["modules"])
+        assert all(n.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj") for n in changed)
 
 
 def test_bad_steps_is_a_one_line_error(runs, capsys):
