@@ -185,14 +185,24 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False, revision: str
 
 
 def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa", revision: str = ""):
+               attn_implementation: str = "sdpa", revision: str = "", quant=None, device="cpu",
+               dequantize: bool = False):
+    """The model in `dtype`; with `quant` (an enabled config.QuantizationSection) its linear layers are
+    quantized by bitsandbytes on `device`, and with `dequantize` turned back into plain layers holding
+    dequant(quant(W)): W0 of a quantized run (quantize.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quant is not None and quant.enabled:
+        from . import quantize
+
+        quantize.check_backend(quant, device)
+        extra = quantize.load_kwargs(quant, dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref.location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation, use_safetensors=True, revision=revision or None)
+            attn_implementation=attn_implementation, use_safetensors=True, revision=revision or None, **extra)
     except OSError as e:
         raise ModelError(f"model.path: cannot load {ref.location} ({_first_line(e)}); weights must be "
                          "safetensors (sftlab never unpickles .bin/.pt weights): convert them with "
@@ -201,6 +211,10 @@ def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = 
         if "trust_remote_code" not in str(e):
             raise
         raise ModelError(_remote_code_message(ref)) from None
+    if extra and dequantize:
+        from . import quantize
+
+        model = quantize.dequantize(model, dtype)
     return model
 
 

@@ -281,9 +281,15 @@ def analyze_run(run_dir: str | Path, opts: AnalyzeOptions | None = None) -> dict
     run = Run(run_dir)
     steps = resolve_steps(run, opts.steps)
     ref = run.base_ref()
-    base = load_model(ref, "float32", run.cfg.model.trust_remote_code)
+    # A quantized run: W0 = its base dequantized (quantize.py), then float32 like every other base here.
+    base = load_model(ref, run.cfg.model.dtype if run.cfg.quantization.enabled else "float32",
+                      run.cfg.model.trust_remote_code, quant=run.cfg.quantization, dequantize=True).float()
     base.eval()
     tok = run.tokenizer()
+    if run.cfg.model.new_tokens:  # W0 with the run's new-token rows: task texts may hold the new tokens
+        from ..tokens import init_new_rows
+
+        init_new_rows(base, tok, run.cfg.model, run.cfg.run.seed)
     names = linear_names(base)
     weight_change = run.method.merge is not None
     sets, task_src = {}, ""
