@@ -165,14 +165,19 @@ def device_info(device: str) -> dict:
     return info
 
 
-def build_model_folder(folder: Path, tiny: bool, seed: int) -> dict:
-    """Random-init Llama of SmolLM2-135M's shape (or a tiny one), fp32 safetensors + the SmolLM2 tokenizer."""
+def build_model_folder(folder: Path, tiny: bool, seed: int, shape: dict | None = None, dtype: str = "float32",
+                       device: str = "cpu") -> dict:
+    """Random-init Llama of SmolLM2-135M's shape (or a tiny one, or `shape`), safetensors in `dtype` + the
+    SmolLM2 tokenizer. `device`: where the weights are initialised (a 1B model initialises in seconds on a GPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**(TINY_SHAPE if tiny else SMOLLM2_SHAPE), attention_bias=False, mlp_bias=False)
+    shape = shape or (TINY_SHAPE if tiny else SMOLLM2_SHAPE)
+    cfg = LlamaConfig(**shape, attention_bias=False, mlp_bias=False)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(getattr(torch, dtype))
     n = sum(p.numel() for p in model.parameters())  # tied: the embedding counted once
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -180,7 +185,7 @@ def build_model_folder(folder: Path, tiny: bool, seed: int) -> dict:
         if f.is_file():
             shutil.copy(f, folder / f.name)
     del model
-    return {"params": n, "shape": {k: v for k, v in cfg.to_dict().items() if k in SMOLLM2_SHAPE}}
+    return {"params": n, "dtype": dtype, "shape": {k: v for k, v in cfg.to_dict().items() if k in shape}}
 
 
 def make_data(path: Path, model_dir: Path, n: int, lo: int, hi: int, seed: int) -> dict:
@@ -310,14 +315,17 @@ def run_trl(a, method: str, policy: str, model_dir: Path, data_path: Path, work:
     tok.chat_template = TRAINING_TEMPLATE
     if tok.apply_chat_template(records[0]["messages"], tokenize=False) != original:
         raise RuntimeError("TRAINING_TEMPLATE renders differently from the tokenizer's chat template")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    # gpu_speed.py sets trl_dtype=bfloat16 (pure bf16, TRL's own workload) and gradient_checkpointing
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, getattr(a, "trl_dtype", "float32")),
+                                                 attn_implementation="sdpa")
     ds = Dataset.from_list(records)
     packed = policy == "packed"
     cfg = SFTConfig(
         output_dir=str(work / "trl_out"), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=a.precision == "bf16", fp16=False, use_cpu=dev == "cpu", gradient_checkpointing=False,
+        bf16=a.precision == "bf16", fp16=False, use_cpu=dev == "cpu",
+        gradient_checkpointing=getattr(a, "gradient_checkpointing", False),
         max_length=a.max_length, packing=packed, packing_strategy="bfd", padding_free=packed,
         assistant_only_loss=True, save_strategy="no", eval_strategy="no", report_to="none", logging_steps=1,
         dataloader_num_workers=0, seed=a.seed, data_seed=a.seed, disable_tqdm=True,
@@ -408,15 +416,17 @@ def sftlab_config(a, method: str, policy: str, model_dir: Path, data_path: Path,
     }
 
 
-def run_sftlab(a, method: str, policy: str, model_dir: Path, data_path: Path, work: Path) -> dict:
+def run_sftlab(a, method: str, policy: str, model_dir: Path, data_path: Path, work: Path,
+               raw: dict | None = None) -> dict:
+    """`raw`: a whole sftlab config dict instead of sftlab_config's (gpu_speed.py); its run.name names the run."""
     from sftlab.config import config_from_dict
     from sftlab.train.loop import Trainer
 
     dev = a.device
-    name = f"{method}_{policy}"
-    out_dir = work / "sftlab_runs"
+    name = raw["run"]["name"] if raw else f"{method}_{policy}"
+    out_dir = Path(raw["run"]["output_dir"]) if raw else work / "sftlab_runs"
     shutil.rmtree(out_dir / name, ignore_errors=True)
-    raw = sftlab_config(a, method, policy, model_dir, data_path, out_dir, name)
+    raw = raw or sftlab_config(a, method, policy, model_dir, data_path, out_dir, name)
     cfg = config_from_dict(raw)
     t_start = time.perf_counter()
     trainer = Trainer(cfg)

@@ -42,7 +42,11 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float16"] = doc("dtype the weights are loaded in", default="float32")
     trust_remote_code: bool = doc("allow model code from the model folder/hub (off: only transformers' code)",
                                   default=False)
-    attn_implementation: Literal["sdpa", "eager"] = doc("attention kernel", default="sdpa")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = doc(
+        "attention kernel. flex_attention: packed rows get a block-sparse document mask (FlexAttention "
+        "BlockMask built from the restarting position ids), so no (L x L) mask and no work on masked blocks; "
+        "it trains on CUDA only (torch has no FlexAttention backward on CPU) and in pure bf16 or fp32, not under "
+        "bf16 autocast", default="sdpa")
 
 
 @dataclass
@@ -78,11 +82,16 @@ class DataSection:
     packing: bool = doc("pack several examples per row with per-example attention (no cross-example attention)",
                         default=False)
     limit: int = doc("use at most this many training examples (0: all)", default=0)
+    pad_to_multiple: int = doc(
+        "pad each batch's length up to a multiple of this, at most max_length (0: to its longest row). With "
+        "train.compile, e.g. 256 leaves a few fixed lengths so the compiled layers are not recompiled per step",
+        default=0)
 
     def __post_init__(self):
         check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
         check(self.limit >= 0, "data.limit", "must be >= 0")
+        check(self.pad_to_multiple >= 0, "data.pad_to_multiple", "must be >= 0")
 
 
 @dataclass
@@ -99,6 +108,13 @@ class TrainSection:
     max_grad_norm: float = doc("clip the gradient norm to this (0: no clipping)", default=1.0)
     precision: Literal["fp32", "bf16"] = doc("fp32, or bf16 autocast for the forward pass", default="fp32")
     gradient_checkpointing: bool = doc("recompute activations in backward to save memory", default=False)
+    compile: bool = doc(
+        "torch.compile each decoder layer (one graph shared by all layers; the loss and mask building stay "
+        "eager); pair it with data.pad_to_multiple so batch lengths repeat. The first steps pay the compile",
+        default=False)
+    fused_optimizer: bool = doc(
+        "AdamW as torch's fused kernel (same update, one kernel launch per group); where torch has no fused "
+        "kernel for the device it falls back to the foreach AdamW with a warning", default=False)
     eval_every: int = doc("held-out loss every k steps (0: only at the end)", default=0)
     log_every: int = doc("write metrics.jsonl every k steps", default=1)
     threads: int = doc("CPU threads for torch (0: torch's default)", default=0)

@@ -24,9 +24,10 @@ def shifted_targets(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE]
 
 
-def pad_batch(examples: list[Example], pad_id: int) -> dict:
-    """Right-padded batch: input_ids, targets, attention_mask, position_ids, all (B, L)."""
-    L = max(len(e.input_ids) for e in examples)
+def pad_batch(examples: list[Example], pad_id: int, length: int = 0) -> dict:
+    """Right-padded batch: input_ids, targets, attention_mask, position_ids, all (B, L); L is the longest
+    example, or `length` when that is longer (a fixed bucket length for compiled graphs)."""
+    L = max(length, max(len(e.input_ids) for e in examples))
     ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), L), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), L), dtype=torch.long)
@@ -40,10 +41,11 @@ def pad_batch(examples: list[Example], pad_id: int) -> dict:
             "n_tokens": int(mask.sum())}
 
 
-def pack_rows(batch_rows: list[list[Example]], pad_id: int) -> dict:
-    """Rows of several examples each: (B, L) tensors with position ids restarting per example."""
+def pack_rows(batch_rows: list[list[Example]], pad_id: int, length: int = 0) -> dict:
+    """Rows of several examples each: (B, L) tensors with position ids restarting per example; L is the
+    longest row, or `length` when that is longer."""
     rows = [sum((e.input_ids for e in row), []) for row in batch_rows]
-    L = max(len(r) for r in rows)
+    L = max(length, max(len(r) for r in rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     tgt = torch.full((len(rows), L), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), L), dtype=torch.long)
@@ -85,17 +87,20 @@ class BatchPlan:
     """Deterministic epoch plans: which examples form each micro-batch, from (seed, epoch) alone.
 
     A run resumes at any micro-batch index because the plan is a pure function of the seed, the
-    epoch and the data, not of an iterator's hidden state.
+    epoch and the data, not of an iterator's hidden state. With `pad_to_multiple` > 0 each batch's
+    length is rounded up to a multiple of it (at most max_length): compiled graphs then see a few
+    fixed lengths instead of one per step.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, packing: bool, max_length: int, seed: int,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, pad_to_multiple: int = 0):
         self.examples = examples
         self.batch_size = batch_size
         self.packing = packing
         self.max_length = max_length
         self.seed = seed
         self.rank, self.world = rank, world
+        self.pad_to_multiple = pad_to_multiple
         self._cache: dict[int, list[list[list[int]]]] = {}
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
@@ -123,6 +128,17 @@ class BatchPlan:
         return self._cache[epoch]
 
     def collate(self, batch: list[list[int]], pad_id: int) -> dict:
+        rows = [[self.examples[i] for i in row] for row in batch]
+        longest = max(sum(len(e.input_ids) for e in row) for row in rows)
+        length = bucket_length(longest, self.pad_to_multiple, self.max_length)
         if self.packing:
-            return pack_rows([[self.examples[i] for i in row] for row in batch], pad_id)
-        return pad_batch([self.examples[row[0]] for row in batch], pad_id)
+            return pack_rows(rows, pad_id, length)
+        return pad_batch([row[0] for row in rows], pad_id, length)
+
+
+def bucket_length(length: int, multiple: int, cap: int) -> int:
+    """`length` rounded up to a multiple of `multiple` (0: unchanged), never above max(cap, length)."""
+    if multiple <= 0:
+        return length
+    up = -(-length // multiple) * multiple
+    return max(length, min(up, cap))

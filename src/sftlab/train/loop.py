@@ -25,6 +25,7 @@ from ..methods import METHODS
 from ..models import load_model, load_tokenizer, resolve_model
 from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
 from . import checkpoint as ckpt
+from . import speed
 from .callbacks import build_callbacks
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
@@ -74,7 +75,9 @@ def build_optimizer(model, cfg):
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms, biases, IA3 vectors
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    return speed.adamw([g for g in groups if g["params"]], cfg.train.lr, cfg.train.betas,
+                       cfg.train.fused_optimizer, device)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -142,6 +145,10 @@ class Trainer:
         model.to(self.dist.device)
         model.train()
         self.params = trainable_report(model)
+        speed.check_attention(cfg.model.attn_implementation, self.dist.device, cfg.train.precision)
+        if cfg.train.compile:  # per decoder layer, before any DDP wrapper (as torchtitan does)
+            # bucketed lengths: one static graph per bucket; otherwise let dynamo go dynamic after a length change
+            speed.compile_layers(model, dynamic=False if cfg.data.pad_to_multiple else None)
         if self.dist.world > 1:
             # Every trainable parameter gets a gradient each step (the output layer is applied outside
             # the wrapped forward, in the loss, which DDP's gradient hooks still see), so no unused-
@@ -149,7 +156,7 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(model)
         self.model = model
         self.plan = BatchPlan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
-                              cfg.run.seed, self.dist.rank, self.dist.world)
+                              cfg.run.seed, self.dist.rank, self.dist.world, cfg.data.pad_to_multiple)
         per_epoch = len(self.plan.epoch(0)) // cfg.train.grad_accum
         self.total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * per_epoch)))
         self.optimizer = build_optimizer(model, cfg)
