@@ -125,6 +125,14 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+
+    folder = run_pipeline(args.config, args.overrides)
+    print(f"sftlab: pipeline finished; its stages are run directories under {folder}")
+    return 0
+
+
 def cmd_arena(args) -> int:
     from .arena import run_arena
 
@@ -280,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rule_arguments(pr)
     pr.set_defaults(fn=cmd_pairs)
+
+    pl = sub.add_parser("pipeline", help="run stages (SFT, then DPO from it) as run directories; rerun to resume",
+                        description="Each stage is PIPELINE/<name>, trained like `sftlab train`; a stage with "
+                        "'from: NAME' starts from that stage's checkpoint. A rerun skips finished stages and "
+                        "resumes a started one.")
+    pl.add_argument("config", help="pipeline YAML (output_dir, stages: [{name, config, from}])")
+    pl.add_argument("overrides", nargs="*", help="STAGE.key.path=value overrides, e.g. sft.train.steps=20")
+    pl.set_defaults(fn=cmd_pipeline)
 
     ar = sub.add_parser("arena", help="compare methods at matched budgets on the same data; a leaderboard",
                         description="Runs methods x budgets x learning rates x seeds as run directories under "

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from .configtools import ConfigError, apply_overrides, check, describe, doc, from_dict, to_dict
+from .config_scale import DistributedSection, QuantizationSection
 from .registry import RegistryError
 
 
@@ -34,6 +35,27 @@ class RunSection:
 
 
 @dataclass
+class NewToken:
+    """`model.new_tokens: [{text: '<tool_call>', init: mean}, ...]`: a token added to the vocabulary (tokens.py)."""
+
+    text: str = doc("the token's text, e.g. '<tool_call>'; it must not be in the vocabulary yet", default="")
+    init: Literal["mean", "description", "mean_noise", "description_noise"] = doc(
+        "initial embedding: the mean of the existing rows, or the mean of the rows of `description`'s tokens; "
+        "*_noise adds seeded Gaussian noise (init_noise x the rows' per-dimension std)", default="mean")
+    description: str = doc("words whose embeddings' mean initialises the token (init: description*)", default="")
+    special: bool = doc(
+        "a special token (like <|im_end|>): dropped by decode(skip_special_tokens=True). Either way an added token "
+        "is never split by the tokenizer", default=False)
+    output: bool = doc("the model writes it (its output row trains); false: only in inputs (the output row stays "
+                       "at its init; for tied embeddings input and output share one row, which trains)", default=True)
+
+    def __post_init__(self):
+        check(bool(self.text.strip()), "model.new_tokens[].text", "each new token needs its text")
+        check(self.init.startswith("mean") or bool(self.description.strip()), "model.new_tokens[].description",
+              f"init {self.init!r} needs a description (a few words saying what {self.text!r} means)")
+
+
+@dataclass
 class ModelSection:
     path: str = doc("'smollm2' (the embedded SmolLM2-135M-Instruct), a local HF folder, a .gguf file, or a hub id",
                     default="smollm2")
@@ -47,6 +69,26 @@ class ModelSection:
         "BlockMask built from the restarting position ids), so no (L x L) mask and no work on masked blocks; "
         "it trains on CUDA only (torch has no FlexAttention backward on CPU) and in pure bf16 or fp32, not under "
         "bf16 autocast", default="sdpa")
+    init_from: str = doc(
+        "start from another run's checkpoint instead of the bare base: RUN or RUN:STEP (default: its last "
+        "checkpoint); an adapter is merged into the base, full weights are loaded; the run is only read. The "
+        "base (for retention probes) stays that run's base model", default="")
+    new_tokens: list[NewToken] = doc("tokens to add (tool-call tags, markers): the embeddings are resized and only "
+                                     "the new rows train with an adapter method; see tokens.py",
+                                     default_factory=list)
+    new_token_rows: Literal["all", "new"] = doc(
+        "full fine-tuning with new_tokens: train every embedding row (all) or only the new rows, the old ones "
+        "bitwise frozen (new); adapter methods always train only the new rows", default="all")
+    pad_vocab_to: int = doc("with new_tokens, pad the embedding matrices to a multiple of this (0: no padding)",
+                            default=64)
+    init_noise: float = doc("with new_tokens, noise scale of the *_noise inits", default=0.01)
+
+    def __post_init__(self):
+        texts = [t.text for t in self.new_tokens]
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        check(not dup, "model.new_tokens", f"{dup[0] if dup else ''!r} is listed twice")
+        check(self.pad_vocab_to >= 0, "model.pad_vocab_to", "must be >= 0")
+        check(self.init_noise >= 0, "model.init_noise", "must be >= 0")
 
 
 @dataclass
@@ -137,6 +179,32 @@ class TrainSection:
 
 
 @dataclass
+class ObjectiveSection:
+    """`objective: {name: dpo, loss: sigmoid, beta: 0.1}`: what the loop minimises."""
+
+    name: Literal["sft", "dpo"] = doc(
+        "sft: token cross-entropy on completions; dpo: direct preference optimisation on prompt/chosen/rejected "
+        "pairs (data.train and data.eval are then preference files)", default="sft")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = doc(
+        "dpo variant: sigmoid (DPO; with label_smoothing > 0 conservative DPO), ipo, hinge (SLiC), robust "
+        "(robust DPO, unbiased under label_smoothing = flip rate)", default="sigmoid")
+    beta: float = doc("dpo: strength of the pull towards the reference (IPO: its tau)", default=0.1)
+    label_smoothing: float = doc("dpo: assumed share of flipped preference labels (sigmoid, robust), in [0, 0.5)",
+                                 default=0.0)
+    reference: Literal["cached", "disable_adapter"] = doc(
+        "dpo reference model = the starting model. cached: its log-probs on the pairs are computed once and kept "
+        "in the cache root (no second model in memory; works after full fine-tuning); disable_adapter: computed "
+        "live each step with the new adapter switched off (PEFT methods only)", default="cached")
+
+    def __post_init__(self):
+        check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
+        check(0.0 <= self.label_smoothing < 0.5, "objective.label_smoothing",
+              f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.label_smoothing == 0 or self.loss in ("sigmoid", "robust"), "objective.label_smoothing",
+              f"only the sigmoid and robust losses use it; set it to 0 for {self.loss!r}")
+
+
+@dataclass
 class CheckpointSection:
     every: int = doc("write a trajectory checkpoint every k steps (0: only the final one)", default=0)
     resume_every: int = doc("refresh the rolling resume checkpoint every k steps (0: at each checkpoint)",
@@ -192,14 +260,20 @@ class MethodSection:
 class RunConfig:
     run: RunSection = doc("where the run goes", default_factory=RunSection)
     model: ModelSection = doc("the base model", default_factory=ModelSection)
+    quantization: QuantizationSection = doc("a 4/8-bit base (bitsandbytes) under an adapter method",
+                                            default_factory=QuantizationSection)
     method: MethodSection = doc("the fine-tuning method and its options", default_factory=MethodSection)
     data: DataSection = doc("training and eval data", default_factory=DataSection)
     train: TrainSection = doc("optimisation", default_factory=TrainSection)
+    objective: ObjectiveSection = doc("training objective (sft, or dpo with its variant)",
+                                      default_factory=ObjectiveSection)
     checkpoint: CheckpointSection = doc("trajectory and resume checkpoints", default_factory=CheckpointSection)
     logging: LoggingSection = doc("logging", default_factory=LoggingSection)
     scoring: ScoringSection = doc("when probes score checkpoints", default_factory=ScoringSection)
     probes: list[ProbeEntry] = doc("task and retention probes (see `sftlab config --show`, probes)",
                                    default_factory=list)
+    distributed: DistributedSection = doc("several processes: ddp, or sharded (fsdp, deepspeed configs)",
+                                          default_factory=DistributedSection)
 
     @property
     def run_dir(self) -> Path:
@@ -278,11 +352,32 @@ def validate_combinations(cfg: RunConfig) -> None:
     from .methods import METHODS
 
     spec = METHODS.get(cfg.method.name)
+    if cfg.quantization.enabled and not spec.peft:
+        raise ConfigError(f"quantization.bits: method {spec.name!r} trains the base weights themselves, which a "
+                          "quantized base stores as frozen integers; use an adapter method (lora, oft, ...) or "
+                          "quantization.bits=none")
+    if cfg.quantization.enabled and cfg.distributed.strategy in ("fsdp", "deepspeed"):
+        raise ConfigError(f"distributed.strategy: {cfg.distributed.strategy} does not shard a quantized base in "
+                          "sftlab; use ddp (each GPU holds the 4/8-bit base, which is what makes it fit) or "
+                          "quantization.bits=none")
     if cfg.data.packing and not spec.packing:
         raise ConfigError(f"data.packing: method {spec.name!r} prepends virtual tokens to every row, so examples "
                           "cannot be packed with per-example attention; set data.packing=false (rows are padded)")
     if cfg.data.eval and cfg.data.eval_fraction:
         raise ConfigError("data.eval_fraction: set either data.eval sources or data.eval_fraction, not both")
+    if cfg.model.new_tokens and spec.peft and not spec.token_rows:
+        raise ConfigError(f"model.new_tokens: method {spec.name!r} cannot train embedding rows here (PEFT "
+                          "0.21 offers trainable_token_indices for LoRA only); use method.name=lora or full")
+    if cfg.model.new_token_rows == "new" and spec.peft:
+        raise ConfigError("model.new_token_rows: 'new' is for full fine-tuning; adapter methods always train "
+                          "only the new rows")
+    if cfg.objective.name == "dpo":
+        if cfg.data.packing:
+            raise ConfigError("data.packing: dpo scores each chosen and rejected answer as a row of its own; set "
+                              "data.packing=false")
+        if cfg.objective.reference == "disable_adapter" and not spec.peft:
+            raise ConfigError(f"objective.reference: disable_adapter needs an adapter method, {spec.name!r} trains "
+                              "the weights themselves; use objective.reference=cached")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

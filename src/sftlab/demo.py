@@ -93,7 +93,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs", plan: DemoPlan | Non
         _generate_samples(folder)
     board = leaderboard_for(folder)
     report = render_report(folder)
-    print(summary(board, time.time() - t0))
+    print(summary(board, time.time() - t0, base_scores(folder)))
     print(f"\nreport: {report}\narena:  {folder}  (rerun: sftlab arena {folder}/arena.yaml)")
     return folder
 
@@ -114,13 +114,30 @@ def _generate_samples(folder: Path) -> None:
             evaluate_run(str(d), steps, which="generation", progress=False)
 
 
-def summary(board: dict, seconds: float) -> str:
+def base_scores(folder: Path) -> dict | None:
+    """The base model's classify score (step 0 of a trial that starts at the base), for the summary."""
+    meta = json.loads((folder / "arena.json").read_text(encoding="utf-8"))
+    for t in meta["trials"]:
+        p = folder / t["run_dir"] / "trajectory.jsonl"
+        if t["method"] in ("prefix", "prompt") or not p.is_file():
+            continue
+        for line in p.read_text(encoding="utf-8").splitlines():
+            e = json.loads(line)
+            if e.get("step") == 0 and "classify" in e.get("scores", {}):
+                return e["scores"]["classify"]
+    return None
+
+
+def summary(board: dict, seconds: float, base: dict | None = None) -> str:
     from .arena import format_leaderboard
 
     lines = ["", format_leaderboard(board), ""]
     trials = [t for t in board.get("trials", []) if t.get("kept")]
     if trials:
         lines.append("Task accuracy (label scoring, held-out articles; 95% bootstrap CI), final checkpoint:")
+        if base:
+            lines.append(f"  {'base':<8}{base['value']:>7.1%}  [{base['ci_low']:.1%}, {base['ci_high']:.1%}]   "
+                         f"(always the most common label: {base['extra'].get('majority_baseline', 0):.1%})")
         for t in sorted(trials, key=lambda t: -t["final_task"]):
             lo, hi = t["final_task_ci"]
             lines.append(f"  {t['method']:<8}{t['final_task']:>7.1%}  [{lo:.1%}, {hi:.1%}]   KL to base "

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import SftlabError
-from .models import load_model, load_tokenizer
 from .trajectory import Choice, Point, rewind
 
 
@@ -52,7 +51,7 @@ class Interpolator:
         self.step = run.checkpoint(step)["step"]
         self.kind = run.method.merge  # "additive" | "rotation" | None
         self.alpha = 1.0
-        self.tokenizer = load_tokenizer(run.base_ref(), run.cfg.model.trust_remote_code)
+        self.tokenizer = run.tokenizer()  # the base's, or with new tokens the run's saved one
         if self.kind == "additive":
             self.model, self.delta = _additive_delta(run, self.step)
             self.alpha = 0.0  # _additive_delta leaves the model at the base weights
@@ -103,7 +102,7 @@ def _additive_delta(run, step: int):
 
     merged, _ = run.load(step, merge=True)  # full checkpoint, or base + adapter merged by PEFT
     target = dict(merged.named_parameters())
-    model = load_model(run.base_ref(), run.cfg.model.dtype, run.cfg.model.trust_remote_code)
+    model = run.load_initial()  # W0: the base (+ new-token rows), or the checkpoint a DPO run started from
     delta = []
     with torch.no_grad():
         for name, p in model.named_parameters():

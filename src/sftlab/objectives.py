@@ -113,3 +113,94 @@ def eval_loss(model, batches, device) -> dict:
 
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- preferences
+
+
+def _chunk_logp(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target of one chunk of trained positions: (n,)."""
+    logits = head(h).float()  # (n, V)
+    return -F.cross_entropy(logits, y, reduction="none")
+
+
+def sequence_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int = 1024):
+    """Summed log-probability of each row's trained tokens, and their count: ((B,), (B,)).
+
+    hidden: (B, L, H); targets: (B, L), shifted, IGNORE where untrained. Like `sft_loss`, the output layer
+    runs on trained positions only, one checkpointed (chunk x vocab) block at a time."""
+    sel = targets != IGNORE
+    rows = sel.nonzero()[:, 0]  # (N,) row of each trained position
+    h = hidden[sel]  # (N, H)
+    y = targets[sel]  # (N,)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    parts = []
+    for s in range(0, y.numel(), chunk):
+        args = (head, h[s:s + chunk], y[s:s + chunk])
+        parts.append(checkpoint(_chunk_logp, *args, use_reentrant=False) if grad else _chunk_logp(*args))
+    tok = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)  # (N,)
+    logps = hidden.new_zeros(targets.shape[0], dtype=torch.float32).index_add(0, rows, tok)  # (B,)
+    return logps, sel.sum(-1)
+
+
+# Each variant maps the per-pair quantities to a per-pair loss (P,). `delta` is the difference of the
+# policy/reference log-ratios, (log pi(yw) - log ref(yw)) - (log pi(yl) - log ref(yl)); `n_chosen` and
+# `n_rejected` count the answers' tokens. The formulas follow TRL's DPOTrainer (tests compare them).
+PREFERENCE_LOSSES: Registry = Registry("dpo loss")
+
+
+def _sigmoid(delta, beta, eps, n_chosen, n_rejected, chosen_ratio, rejected_ratio):
+    """DPO (Rafailov et al. 2023, eq. 7); eps > 0: conservative DPO (Mitchell 2023, 'cDPO'), which trains
+    towards preference probability 1 - eps instead of 1."""
+    z = beta * delta
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def _ipo(delta, beta, eps, n_chosen, n_rejected, chosen_ratio, rejected_ratio):
+    """IPO (Azar et al. 2023, eq. 17): regress the log-ratio gap to 1/(2 tau). As in TRL (agreed with the
+    authors) the log-ratios are averaged per token, so beta means the same for short and long answers."""
+    gap = chosen_ratio / n_chosen.clamp(min=1) - rejected_ratio / n_rejected.clamp(min=1)
+    return (gap - 1 / (2 * beta)) ** 2
+
+
+def _hinge(delta, beta, eps, n_chosen, n_rejected, chosen_ratio, rejected_ratio):
+    """SLiC-HF's calibration hinge (Zhao et al. 2023) on the reference-normalised margin."""
+    return torch.relu(1 - beta * delta)
+
+
+def _robust(delta, beta, eps, n_chosen, n_rejected, chosen_ratio, rejected_ratio):
+    """Robust DPO (Chowdhury et al. 2024, eq. 9): unbiased when a share eps of the labels is flipped."""
+    z = beta * delta
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+for _name, _fn in (("sigmoid", _sigmoid), ("ipo", _ipo), ("hinge", _hinge), ("robust", _robust)):
+    PREFERENCE_LOSSES.register(_name, _fn)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, n_chosen: torch.Tensor, n_rejected: torch.Tensor, beta: float = 0.1,
+             variant: str = "sigmoid", label_smoothing: float = 0.0, normaliser: float | None = None):
+    """Preference loss over P pairs, summed and divided by `normaliser` (default P), and its diagnostics.
+
+    All inputs are (P,): summed answer log-probs under the policy and the reference, and answer token
+    counts. Passing the number of pairs of the whole optimizer step (all micro-batches, all processes) as
+    `normaliser` makes gradient accumulation equal to one large batch, weighting pairs (not tokens) alike.
+    """
+    chosen_ratio = policy_chosen - ref_chosen  # (P,)
+    rejected_ratio = policy_rejected - ref_rejected  # (P,)
+    delta = chosen_ratio - rejected_ratio
+    per_pair = PREFERENCE_LOSSES.get(variant)(delta, beta, label_smoothing, n_chosen, n_rejected,
+                                              chosen_ratio, rejected_ratio)  # (P,)
+    total = per_pair.sum()
+    loss = total / float(normaliser if normaliser is not None else max(delta.numel(), 1))
+    with torch.no_grad():  # TRL's reward definitions: beta x log-ratio
+        r_c, r_r = beta * chosen_ratio, beta * rejected_ratio
+        metrics = {"loss_sum": float(total), "pairs": int(delta.numel()),
+                   "correct": int((r_c > r_r).sum()), "margin_sum": float((r_c - r_r).sum()),
+                   "rewards_chosen_sum": float(r_c.sum()), "rewards_rejected_sum": float(r_r.sum()),
+                   "logps_chosen_sum": float(policy_chosen.sum()), "logps_rejected_sum": float(policy_rejected.sum())}
+    return loss, metrics
+
+
+OBJECTIVES.register("dpo", dpo_loss)

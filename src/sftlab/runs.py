@@ -67,20 +67,51 @@ class Run:
         return ref
 
     def tokenizer(self):
+        """The run's tokenizer: the base's, or with `model.new_tokens` the one saved in RUN/tokenizer."""
+        from .tokens import TOKENIZER_DIR
+
+        saved = self.dir / TOKENIZER_DIR
+        if self.cfg.model.new_tokens:
+            if not (saved / "tokenizer_config.json").is_file():
+                raise SftlabError(f"{saved}: missing; this run added tokens and its tokenizer was saved there")
+            ref = ModelRef(str(saved), str(saved), "", "local")
+            return load_tokenizer(ref, self.cfg.model.trust_remote_code)
         return load_tokenizer(self.base_ref(), self.cfg.model.trust_remote_code)
+
+    def load_initial(self):
+        """What training started from, before the method: load_start() with the run's new tokens (resized
+        embeddings, new rows initialised exactly as in training)."""
+        from .tokens import init_new_rows
+
+        model = self.load_start()
+        if self.cfg.model.new_tokens:
+            init_new_rows(model, self.tokenizer(), self.cfg.model, self.cfg.run.seed)
+        return model
+
+    def start(self) -> StartPoint | None:
+        """The run this one started from (`model.init_from`, e.g. DPO after SFT), or None: it started at the base."""
+        info = self.provenance.get("start")
+        return StartPoint.from_info(info, self.dir) if info else None
+
+    def load_start(self):
+        """The model at step 0: the base, or the starting run's checkpoint (merged), in this run's dtype."""
+        start = self.start()
+        if start is None:  # a quantized run's W0 is its base dequantized: the weights the adapter trained against
+            return load_model(self.base_ref(), self.cfg.model.dtype, self.cfg.model.trust_remote_code,
+                              quant=self.cfg.quantization, dequantize=True)
+        return start.load(self.cfg.model.dtype)
 
     def load(self, step: int | None = None, merge: bool = False):
         """(model, tokenizer) at a checkpoint: base + adapter (merged on request), or full weights."""
         entry = self.checkpoint(step)
         path = self.dir / entry["path"]
-        ref = self.base_ref()
-        tok = load_tokenizer(ref, self.cfg.model.trust_remote_code)
+        tok = self.tokenizer()
         if not self.method.peft:
             ref_ckpt = ModelRef(str(path), str(path), "", "local")
             return load_model(ref_ckpt, self.cfg.model.dtype, self.cfg.model.trust_remote_code), tok
         from peft import PeftModel
 
-        base = load_model(ref, self.cfg.model.dtype, self.cfg.model.trust_remote_code)
+        base = self.load_initial()  # the base (or the starting run's weights) the adapter was trained on
         ctx = self.method.load_context() if self.method.load_context else contextlib.nullcontext()
         with ctx:
             model = PeftModel.from_pretrained(base, str(path))
@@ -90,6 +121,70 @@ class Run:
                                   "export it without --merge (as an adapter)")
             model = model.merge_and_unload()
         return model, tok
+
+
+class StartPoint:
+    """A checkpoint of another run that a run starts from (DPO on an SFT result). Only ever read."""
+
+    def __init__(self, run: Run, step: int):
+        self.run = run
+        self.entry = run.checkpoint(step)
+        self.step = self.entry["step"]
+        if run.method.peft and run.method.merge is None:
+            raise SftlabError(f"model.init_from: {run.dir} trained {run.method.name!r}, which adds virtual tokens "
+                              "and has no weights to merge; start from a run of a method with a weight update")
+
+    @classmethod
+    def parse(cls, spec: str) -> StartPoint:
+        """'RUN' (its last checkpoint) or 'RUN:STEP'."""
+        path, sep, step = spec.rpartition(":")
+        if sep and step.isdigit() and path:
+            return cls(Run(path), int(step))
+        return cls(Run(spec), None)
+
+    @classmethod
+    def from_info(cls, info: dict, run_dir: Path) -> StartPoint:
+        """From provenance's 'start': the path relative to the run (folders that move together) or absolute."""
+        cands = ([run_dir / info["run_rel"]] if info.get("run_rel") else []) + [Path(info["run"])]
+        for cand in cands:
+            if (cand / "config.yaml").is_file():
+                point = cls(Run(cand), info["step"])
+                break
+        else:
+            raise SftlabError(f"{run_dir}: started from {info['run']} (step {info['step']}), which is gone; "
+                              "put that run directory back to load this run's checkpoints")
+        point.verify(info.get("sha256", ""))
+        return point
+
+    def verify(self, sha256: str) -> None:
+        from .train.checkpoint import hash_files
+
+        now = hash_files(self.run.dir / self.entry["path"])
+        if now != self.entry["sha256"] or (sha256 and now != sha256):
+            raise SftlabError(f"{self.run.dir / self.entry['path']}: checkpoint changed since it was recorded "
+                              "(sha256 differs); the run that started from it no longer applies to it")
+
+    def identity(self) -> str:
+        return f"run-checkpoint:{self.entry['sha256']}"
+
+    def info(self, run_dir: Path) -> dict:
+        import os
+
+        return {"run": str(self.run.dir.resolve()), "run_rel": os.path.relpath(self.run.dir.resolve(),
+                                                                                Path(run_dir).resolve()),
+                "step": self.step, "sha256": self.entry["sha256"], "method": self.run.method.name,
+                "base_model": self.run.provenance.get("base_model")}
+
+    def base_ref(self) -> ModelRef:
+        return self.run.base_ref()
+
+    def load(self, dtype: str):
+        """The starting model as a plain HF model: full weights, or base + adapter merged."""
+        import torch
+
+        self.verify("")
+        model, _ = self.run.load(self.step, merge=True)
+        return model.to(getattr(torch, dtype))
 
 
 @contextlib.contextmanager
@@ -117,6 +212,9 @@ def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
     if merge and run.method.peft and run.method.merge is None:
         raise SftlabError(f"method {run.method.name!r} adds virtual tokens, it has no weights to merge; "
                           "export it without --merge (as an adapter)")
+    if run.method.peft and not merge and run.start() is not None:
+        raise SftlabError(f"{run.dir}: its adapter was trained on top of {run.start().run.dir} (model.init_from), "
+                          "not on the base alone; export it with --merge (a standalone model)")
     with atomic_folder(out) as tmp:
         _write_export(run, entry, run.base_ref(), tmp, merge)
     return Path(out)
@@ -132,8 +230,8 @@ def _write_export(run: Run, entry: dict, base: ModelRef, tmp: Path, merge: bool)
     else:
         model, _ = run.load(entry["step"], merge=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
-    tok = load_tokenizer(base, run.cfg.model.trust_remote_code)
-    tok.save_pretrained(str(tmp))  # tokenizer and chat template travel with the export
+    tok = run.tokenizer()
+    tok.save_pretrained(str(tmp))  # tokenizer (with any added tokens) and chat template travel with the export
     if (Path(base.location) / "generation_config.json").is_file():
         shutil.copy(Path(base.location) / "generation_config.json", tmp / "generation_config.json")
     (tmp / "sftlab_export.json").write_text(json.dumps(

@@ -67,10 +67,15 @@ def append_scores(run_dir: Path, step: int, scores: dict, extra: dict | None = N
 def context_for(cfg, base_ref, device=None) -> ProbeContext:
     from .models import load_model
 
+    from .quantize import base_tag
+
     precision = cfg.train.precision if cfg.scoring.precision == "auto" else cfg.scoring.precision
+    # A quantized run's base is its base dequantized (quantize.py), another model than the original's: its
+    # cached outputs are kept apart (base_tag).
     return ProbeContext(device=device, batch_size=cfg.scoring.batch_size, seed=cfg.run.seed, precision=precision,
-                        base_id=base_ref.sha256 or base_ref.location,
-                        load_base=lambda: load_model(base_ref, cfg.model.dtype, cfg.model.trust_remote_code))
+                        base_id=(base_ref.sha256 or base_ref.location) + base_tag(cfg.quantization),
+                        load_base=lambda: load_model(base_ref, cfg.model.dtype, cfg.model.trust_remote_code,
+                                                     quant=cfg.quantization, dequantize=True))
 
 
 def base_scores_file(cfg, base_ref) -> Path:
@@ -118,7 +123,10 @@ class ScoreCallback:
     def on_train_start(self, step: int) -> None:
         if step != 0:
             return
-        share = base_scores_file(self.trainer.cfg, self.trainer.ref) if self.trainer.method.starts_at_base else None
+        # A run started from another run's checkpoint (model.init_from, e.g. DPO after SFT) does not start at
+        # the base: its step 0 is that checkpoint, scored here, never the base's shared scores.
+        at_base = self.trainer.method.starts_at_base and getattr(self.trainer, "start", None) is None
+        share = base_scores_file(self.trainer.cfg, self.trainer.ref) if at_base else None
         if share is not None and share.is_file():
             append_scores(self.trainer.run_dir, 0, json.loads(share.read_text(encoding="utf-8")),
                           {"shared": str(share)})
@@ -155,8 +163,7 @@ def generation_steps(run_dir: str | Path) -> list[int]:
 
 def evaluate_run(run_dir: str, steps: list[int] | None = None, which: str = "cheap", base: bool = True,
                  progress: bool = True) -> list[int]:
-    """Score saved checkpoints (and the base as step 0) offline; returns the steps scored."""
-    from .models import load_model
+    """Score saved checkpoints (and the starting model as step 0) offline; returns the steps scored."""
     from .runs import Run
 
     run = Run(run_dir)
@@ -173,12 +180,13 @@ def evaluate_run(run_dir: str, steps: list[int] | None = None, which: str = "che
 
         it = tqdm(todo, desc="scoring checkpoints", unit="ckpt")
     for step in it:
-        if step == 0:
-            model = load_model(ref, run.cfg.model.dtype, run.cfg.model.trust_remote_code)
-            tok = run.tokenizer()
+        if step == 0:  # the starting model: the base, or the checkpoint of the run this one started from
+            model, tok = run.load_initial(), run.tokenizer()  # with new tokens: the resized base
         else:
             model, tok = run.load(step)
-        ctx.base_model = model if step == 0 else ctx.base_model
+        # retention is against the base, never against a starting run (nor the base resized for new tokens)
+        if step == 0 and run.start() is None and not run.cfg.model.new_tokens:
+            ctx.base_model = model
         append_scores(run.dir, step, score_model(model, tok, probes, ctx))
         if step != 0:
             del model

@@ -29,7 +29,14 @@ def test_example_configs_exist():
 def test_example_config_loads(path):
     import yaml
 
-    if "arena" in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}):
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if "stages" in raw:  # a pipeline: every stage's run config validates
+        from sftlab.pipeline import read_pipeline, stage_config
+
+        folder, stages = read_pipeline(path)
+        by_name = {s.name: s for s in stages}
+        assert all(stage_config(folder, s, by_name).method.name in METHODS for s in stages)
+    elif "arena" in raw:
         from sftlab.arena import load_arena
 
         arena, _ = load_arena(path)  # validates the shared run sections too

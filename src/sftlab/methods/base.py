@@ -29,6 +29,9 @@ class Method:
     starts_at_base: bool = True
     # A context manager factory wrapped around loading a saved adapter (e.g. to skip a kernel build).
     load_context: Callable[[], Any] | None = None
+    # True when apply(model, options, token_indices={module: [ids]}) trains exactly those embedding rows and
+    # saves only them (PEFT's trainable tokens): what model.new_tokens needs from an adapter method.
+    token_rows: bool = False
 
 
 METHODS: Registry[Method] = Registry("method")

@@ -22,13 +22,15 @@ class LoraOptions:
         check(0.0 <= self.dropout < 1.0, "method.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
-def apply(model, o: LoraOptions):
+def apply(model, o: LoraOptions, token_indices: dict[str, list[int]] | None = None):
+    """`token_indices`: embedding rows that train too (new tokens), e.g. {'embed_tokens': [49152, 49153]}."""
     from peft import LoraConfig
 
     cfg = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=targets(o.target_modules),
                      use_dora=o.use_dora, use_rslora=o.use_rslora, layers_to_transform=o.layers,
-                     task_type="CAUSAL_LM")
+                     trainable_token_indices=token_indices, task_type="CAUSAL_LM")
     return peft_wrap(model, cfg)
 
 
-register_method(Method("lora", LoraOptions, apply, "low-rank adapters (LoRA; DoRA and rsLoRA options)"))
+register_method(Method("lora", LoraOptions, apply, "low-rank adapters (LoRA; DoRA and rsLoRA options)",
+                       token_rows=True))

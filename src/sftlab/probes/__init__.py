@@ -4,7 +4,7 @@ Importing this package registers every built-in probe; it imports no torch (opti
 `build_probe(name, options)` makes one; `probe.score(model, tokenizer, ProbeContext(...))` scores.
 """
 
-from . import choice, classify, generate, heldout, kl, lmeval, perplexity, quality  # noqa: F401  (registration)
+from . import choice, classify, generate, heldout, kl, lmeval, perplexity, quality, toolcall  # noqa: F401
 from .base import (PROBES, BaseProbe, Probe, ProbeContext, ProbeError, ProbeSpec, Score, bootstrap_ci, build_probe,
                    register_probe)
 

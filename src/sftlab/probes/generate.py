@@ -41,8 +41,8 @@ class GenerateOptions:
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device,
-                    add_special_tokens: bool = False) -> list[str]:
-    """Greedy continuations of `prompts` (decoded, special tokens dropped, stripped), in input order."""
+                    add_special_tokens: bool = False, skip_special_tokens: bool = True) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, special tokens dropped unless asked, stripped), in input order."""
     import torch
     from transformers import GenerationConfig
 
@@ -67,7 +67,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                 mask[r, L - n:] = 1
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
             for r, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[r, L:], skip_special_tokens=True).strip()
+                out[i] = tokenizer.decode(gen[r, L:], skip_special_tokens=skip_special_tokens).strip()
     return out
 
 

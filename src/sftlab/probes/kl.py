@@ -59,8 +59,8 @@ class KLOptions:
         check(self.max_length >= 2, "max_length", "must be >= 2")
 
 
-def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
-    """Yield (example index, position offset, log-probs (n, V) float32) over every position of every example."""
+def position_logits(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
+    """Yield (example index, position offset, logits (n, V) float32) over every position of every example."""
     from ..data.collate import pad_batch
     from ..objectives import forward_hidden, to_device
     from .likelihood import length_batches, scoring
@@ -72,7 +72,13 @@ def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk:
             for r, i in enumerate(idx):
                 n = len(examples[i].input_ids)
                 for s in range(0, n, chunk):
-                    yield i, s, head(hidden[r, s:min(n, s + chunk)]).float().log_softmax(-1)  # (n, V)
+                    yield i, s, head(hidden[r, s:min(n, s + chunk)]).float()  # (n, V)
+
+
+def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
+    """Yield (example index, position offset, log-probs (n, V) float32) over every position of every example."""
+    for i, s, logits in position_logits(model, examples, pad, batch_size, device, chunk):
+        yield i, s, logits.log_softmax(-1)
 
 
 def _rest_logprob(logp, ids):
@@ -102,16 +108,34 @@ def base_topk(model, examples, pad: int, batch_size: int, device, k: int, tail: 
     ref = {names[j]: torch.cat([p[j] for i in range(len(examples)) for p in parts[i]]).contiguous()
            for j in range(width)}
     ref["lengths"] = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.long)
+    if examples:
+        ref["vocab"] = torch.tensor([logp.shape[-1]], dtype=torch.long)  # the base's vocabulary size
     return ref
 
 
-def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device) -> list[tuple[float, int]]:
-    """Per example: (sum over positions of the top-k + rest [+ sampled tail] KL(base || model), positions)."""
+def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device,
+                 outside: list | None = None) -> list[tuple[float, int]]:
+    """Per example: (sum over positions of the top-k + rest [+ sampled tail] KL(base || model), positions).
+
+    A model with more output rows than the base (new tokens, padding: tokens.py) is compared on the base's
+    vocabulary: its distribution there, renormalised, so on text without new tokens a model whose old rows are
+    unchanged scores exactly 0. The mass it puts outside, m_t, goes to `outside` (per example: sum of m_t and of
+    -log(1 - m_t)); the KL with the full distribution is the renormalised one plus the mean of -log(1 - m_t)."""
     import torch
 
     starts = torch.cat([torch.zeros(1, dtype=torch.long), ref["lengths"].cumsum(0)])
     sums = [0.0] * len(examples)
-    for i, s, lq in position_logprobs(model, examples, pad, batch_size, device):
+    vocab = int(ref["vocab"][0]) if "vocab" in ref else None  # caches written before new tokens lack it
+    if outside is not None:
+        outside[:] = [[0.0, 0.0] for _ in examples]
+    for i, s, logits in position_logits(model, examples, pad, batch_size, device):
+        if vocab is not None and logits.shape[-1] > vocab:
+            lz_out = logits[:, vocab:].logsumexp(-1) - logits.logsumexp(-1)  # (n,) log of the mass outside
+            logits = logits[:, :vocab]
+            if outside is not None:
+                outside[i][0] += float(lz_out.double().exp().sum())
+                outside[i][1] += float(-torch.log1p(-lz_out.double().exp()).sum())
+        lq = logits.log_softmax(-1)  # (n, V_base)
         a = int(starts[i]) + s
         sl = slice(a, a + lq.shape[0])
         ids = ref["ids"][sl].long().to(lq.device)
@@ -230,16 +254,22 @@ class KLToBase(BaseProbe):
         from .likelihood import pad_id
 
         examples, ref, status, path = self.reference(tokenizer, ctx)
-        res = kl_from_topk(model, examples, ref, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        outside: list = []
+        res = kl_from_topk(model, examples, ref, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model),
+                           outside)
         positions = [n for _, n in res]
         kl = sum(s for s, _ in res) / sum(positions)
+        new = {}
+        if any(m for m, _ in outside):  # the model has rows the base lacks (new tokens): their share of the mass
+            new = {"new_token_mass": sum(m for m, _ in outside) / sum(positions),
+                   "kl_full_vocab": kl + sum(g for _, g in outside) / sum(positions)}
         ci = bootstrap_ci([s / n for s, n in res], weights=positions, n_boot=ctx.n_boot, seed=ctx.seed)
         rest = ref["rest"].double().exp()
         tail = int(ref["tail_ids"].shape[1]) if "tail_ids" in ref else 0
         return self.make_score(kl, len(examples), ci, k=int(ref["ids"].shape[1]), tail_samples=tail,
                                positions=sum(positions),
                                base_rest_mass=float(rest.mean()), base_rest_mass_max=float(rest.max()),
-                               cache=status, cache_file=str(path))
+                               cache=status, cache_file=str(path), **new)
 
 
 register_probe("kl_to_base", KLOptions, KLToBase,

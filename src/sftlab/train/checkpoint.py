@@ -66,14 +66,18 @@ def _fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-def save_weights(model, peft: bool, folder: Path) -> None:
-    """Weights only: a PEFT adapter folder, or a full HF safetensors model folder."""
-    inner = getattr(model, "module", model)  # DDP
+def save_weights(model, peft: bool, folder: Path, state: dict | None = None) -> None:
+    """Weights only: a PEFT adapter folder, or a full HF safetensors model folder. `state`: the weights as full
+    tensors when the model is sharded (FSDP; train/sharding.py), so the folder is the one one process writes."""
+    inner = getattr(model, "module", model)  # DDP, FSDP
+    kw = {} if state is None else {"state_dict": state}
     if peft:
-        inner.save_pretrained(str(folder), safe_serialization=True)
+        # No base matrices in an adapter: under an adapter they never change, and new-token rows are the
+        # adapter's own trainable tokens (tokens.py). PEFT would otherwise save the whole resized embedding.
+        inner.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False, **kw)
         _canonical_adapter_config(folder / "adapter_config.json")
     else:
-        unwrap(inner).save_pretrained(str(folder), safe_serialization=True)
+        unwrap(inner).save_pretrained(str(folder), safe_serialization=True, **kw)
 
 
 def _canonical_adapter_config(path: Path) -> None:
@@ -89,7 +93,7 @@ def _canonical_adapter_config(path: Path) -> None:
 
 
 def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | None = None,
-                     before_rename=None) -> dict:
+                     before_rename=None, state: dict | None = None) -> dict:
     """Write checkpoints/step-N atomically and append its line to trajectory.jsonl.
 
     The folder appears only complete (rename), and the line only after it; a failed write (disk full,
@@ -99,7 +103,7 @@ def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | 
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_weights(model, peft, tmp)
+        save_weights(model, peft, tmp, state)
         _fsync_tree(tmp)
         digest = hash_files(tmp)
         if before_rename is not None:  # test hook: a moment where the checkpoint is half-done
@@ -220,15 +224,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in inner.named_parameters() if p.requires_grad}
 
 
-def save_resume(run_dir: Path, model, optimizer, scheduler, position: dict) -> None:
-    """Replace the rolling resume folder atomically: write new, swap, then delete old."""
+def save_resume(run_dir: Path, model, optimizer, scheduler, position: dict, trainable: dict | None = None,
+                optim_state: dict | None = None) -> None:
+    """Replace the rolling resume folder atomically: write new, swap, then delete old. A sharded model passes
+    its trainable weights and optimizer state gathered to full tensors (optimizer keyed by parameter name)."""
     final = run_dir / RESUME
     tmp = run_dir / f".tmp-{RESUME}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file(trainable if trainable is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+        _torch_save({"optimizer": optim_state if optim_state is not None else optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                     tmp / "state.pt")
@@ -267,17 +274,23 @@ def find_resume(run_dir: Path) -> Path | None:
 
 
 def load_resume(folder: Path, model, optimizer, scheduler) -> dict:
+    from .sharding import is_sharded, load_optimizer, load_trainable
+
     inner = getattr(model, "module", model)
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(inner.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise RuntimeError(f"{folder}: resume state lacks {missing[:3]}...; was the config changed since?")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
     state = torch.load(folder / "state.pt", weights_only=True)  # never unpickle arbitrary objects
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):  # each process keeps its shard of the full tensors
+        load_trainable(model, weights)
+        load_optimizer(model, optimizer, state["optimizer"])
+    else:
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():

@@ -12,11 +12,13 @@ import random
 import resource
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .. import tokens
 from ..config import RunConfig
 from ..data.collate import BatchPlan, pad_batch
 from ..data.prepare import Prepared, prepare_data
@@ -25,7 +27,7 @@ from ..methods import METHODS
 from ..models import load_model, load_tokenizer, resolve_model
 from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
 from . import checkpoint as ckpt
-from . import speed
+from . import dpo, sharding, speed
 from .callbacks import build_callbacks
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
@@ -73,7 +75,8 @@ def build_optimizer(model, cfg):
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on norms, biases, IA3 vectors
+            # no decay on norms, biases, IA3 vectors, and on matrices with frozen rows (tokens.py: exact zeros)
+            (decay if p.ndim >= 2 and not getattr(p, "_sftlab_no_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
     return speed.adamw([g for g in groups if g["params"]], cfg.train.lr, cfg.train.betas,
@@ -116,47 +119,66 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.dist = init_distributed()
         self.method = METHODS.get(cfg.method.name)
-        self.objective = OBJECTIVES.get("sft")
+        self.objective = OBJECTIVES.get(cfg.objective.name)
+        self.dpo = cfg.objective.name == "dpo"
+        self.start = None  # runs.StartPoint when model.init_from names a run to start from
 
     # ---- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        self.sharding = sharding.resolve(cfg.distributed, cfg.train, self.dist.world, self.dist.device)
+        sharding.check_run(cfg, self.sharding, self.method)
         try:  # bad input (data, model, tokenizer): the run directory holds nothing but the error
-            self.ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
+            self._resolve_start()
             self.tokenizer = load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision)
-            self.data: Prepared = prepare_data(cfg, self.tokenizer, progress=self.dist.main)
+            tokens.add_tokens(self.tokenizer, cfg.model.new_tokens)  # before the data is tokenized
+            prepare = dpo.prepare_pairs if self.dpo else partial(prepare_data, progress=self.dist.main)
+            self.data: Prepared | dpo.PreparedPairs = prepare(cfg, self.tokenizer)
             seed_everything(cfg.run.seed)  # adapter init is seeded
-            model = load_model(self.ref, cfg.model.dtype, cfg.model.trust_remote_code,
-                               cfg.model.attn_implementation, cfg.model.revision)
+            if self.start is not None:  # an earlier run's checkpoint (merged), e.g. DPO after SFT
+                model = self.start.load(cfg.model.dtype)
+            else:
+                model = load_model(self.ref, cfg.model.dtype, cfg.model.trust_remote_code,
+                                   cfg.model.attn_implementation, cfg.model.revision,
+                                   quant=cfg.quantization, device=self.dist.device)
         except (DataError, ModelError) as e:
             if self.dist.main and not self.resume:
                 write_error(self.run_dir, str(e))
             raise
-        if cfg.train.gradient_checkpointing:
+        if cfg.quantization.enabled:
+            from ..quantize import prepare_for_training
+
+            model = prepare_for_training(model)  # frozen base, float32 norms and embeddings
+        if cfg.train.gradient_checkpointing or self.sharding.activation_checkpointing:
             kw = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             model.enable_input_require_grads()
-        model = self.method.apply(model, cfg.method.options)
-        model.to(self.dist.device)
+        if self.dpo and cfg.objective.reference == "cached":
+            dpo.attach_reference(self, model)  # the reference is the starting model: score it before the method
+        self.token_plan = tokens.init_new_rows(model, self.tokenizer, cfg.model, cfg.run.seed)
+        kw = tokens.method_kwargs(self.token_plan) if self.token_plan and self.method.peft else {}
+        model = self.method.apply(model, cfg.method.options, **kw)
+        if self.token_plan is not None:
+            tokens.freeze_rows(model, self.token_plan, cfg.model, self.method.peft)
+        if not cfg.quantization.enabled:  # bitsandbytes placed a quantized base on the device when loading
+            model.to(self.dist.device)
         model.train()
         self.params = trainable_report(model)
         speed.check_attention(cfg.model.attn_implementation, self.dist.device, cfg.train.precision)
-        if cfg.train.compile:  # per decoder layer, before any DDP wrapper (as torchtitan does)
+        if cfg.train.compile:  # per decoder layer, before any DDP/FSDP wrapper (as torchtitan does)
             # bucketed lengths: one static graph per bucket; otherwise let dynamo go dynamic after a length change
             speed.compile_layers(model, dynamic=False if cfg.data.pad_to_multiple else None)
         if self.dist.world > 1:
-            # Every trainable parameter gets a gradient each step (the output layer is applied outside
-            # the wrapped forward, in the loss, which DDP's gradient hooks still see), so no unused-
-            # parameter search is needed.
-            model = torch.nn.parallel.DistributedDataParallel(model)
+            model = sharding.wrap(model, self.sharding)  # DDP, or FSDP2 behind DDP's interface
         self.model = model
-        self.plan = BatchPlan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
-                              cfg.run.seed, self.dist.rank, self.dist.world, cfg.data.pad_to_multiple)
+        plan = dpo.PairPlan if self.dpo else BatchPlan  # pairs: the same plan, collated as chosen + rejected rows
+        self.plan = plan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
+                         cfg.run.seed, self.dist.rank, self.dist.world, cfg.data.pad_to_multiple)
         per_epoch = len(self.plan.epoch(0)) // cfg.train.grad_accum
         self.total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * per_epoch)))
         self.optimizer = build_optimizer(model, cfg)
@@ -172,7 +194,22 @@ class Trainer:
         if fn is not None:
             fn(*args)
 
+    def _resolve_start(self) -> None:
+        """The base model (for provenance, the tokenizer and retention probes) and the starting point."""
+        cfg = self.cfg
+        if cfg.model.init_from:
+            from ..runs import StartPoint
+
+            self.start = StartPoint.parse(cfg.model.init_from)
+            self.ref = self.start.base_ref()  # retention stays measured against the original pretrained base
+            self.start_id = self.start.identity()
+        else:
+            self.ref = resolve_model(cfg.model.path, cfg.model.gguf_file)
+            self.start_id = f"base:{self.ref.sha256 or self.ref.location}"
+
     def _eval_batches(self) -> list[dict]:
+        if self.dpo:
+            return dpo.eval_batches(self)
         ex = sorted(self.data.eval, key=lambda e: len(e.input_ids))  # similar lengths pad less
         bs, pad = self.cfg.train.batch_size, self.tokenizer.pad_token_id
         return [pad_batch(ex[i:i + bs], pad) for i in range(0, len(ex), bs)]
@@ -189,7 +226,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "error.txt").unlink(missing_ok=True)
             write_config(self.run_dir, self.cfg)
-            write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), self.params)
+            if self.cfg.model.new_tokens:
+                tokens.save_tokenizer(self.run_dir, self.tokenizer)
+            extra = {"start": self.start.info(self.run_dir)} if self.start is not None else {}
+            write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), {**self.params, **extra})
         else:
             print(f"sftlab: resuming {self.run_dir} at step {self.pos['step']}")
         if self.resume:  # steps after the resume point are trained again: drop their old lines and folders
@@ -212,7 +252,26 @@ class Trainer:
         return out
 
     def train_step(self, micro: list[dict]) -> dict:
-        """One optimizer step over grad_accum micro-batches; the loss is a mean over the step's trained tokens."""
+        """One optimizer step over grad_accum micro-batches; the loss is a mean over the step's trained tokens
+        (sft) or pairs (dpo)."""
+        loss_sum, denom, info = (dpo.accumulate if self.dpo else Trainer._accumulate_sft)(self, micro)
+        self._hook("after_backward", self)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # the norm before clipping
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
+        loss_sum, bad = self._global_loss_and_verdict(loss_sum, grad_norm)
+        if bad:
+            self._skip_step()
+        else:
+            self._hook("before_optimizer_step", self)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / max(denom, 1.0), "grad_norm": grad_norm, "lr": lr, **info, "skipped": bad}
+
+    def _accumulate_sft(self, micro: list[dict]) -> tuple[float, float, dict]:
+        """Forward + backward over the micro-batches: (summed loss, trained tokens of the global step, counts)."""
         dev, world = self.dist.device, self.dist.world
         n_trained = torch.tensor(float(sum(int((b["targets"] != -100).sum()) for b in micro)))
         n_tokens = torch.tensor(float(sum(b["n_tokens"] for b in micro)))
@@ -234,21 +293,7 @@ class Trainer:
                     loss, m = self.objective(hidden, batch["targets"], head, float(n_trained) / world)
                 loss.backward()
             loss_sum += m["loss_sum"]
-        self._hook("after_backward", self)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # the norm before clipping
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on below)
-        loss_sum, bad = self._global_loss_and_verdict(loss_sum, grad_norm)
-        if bad:
-            self._skip_step()
-        else:
-            self._hook("before_optimizer_step", self)
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum / max(float(n_trained), 1.0), "grad_norm": grad_norm, "lr": lr,
-                "tokens": int(n_tokens), "trained_tokens": int(n_trained), "skipped": bad}
+        return loss_sum, float(n_trained), {"tokens": int(n_tokens), "trained_tokens": int(n_trained)}
 
     def _global_loss_and_verdict(self, loss_sum: float, grad_norm: float) -> tuple[float, bool]:
         """The step's loss summed over processes, and whether the step is bad (non-finite loss or gradient).
@@ -300,6 +345,11 @@ class Trainer:
             p = self.params
             print(f"sftlab: {cfg.method.name}: {p['trainable_params']:,} trainable of {p['total_params']:,} "
                   f"parameters ({100 * p['trainable_share']:.3f}%); data: {self.data.train_stats.summary()}")
+            if cfg.quantization.enabled or self.sharding.kind == "fsdp":
+                from ..quantize import describe
+
+                quant = f"{describe(cfg.quantization)} base" if cfg.quantization.enabled else "full-precision base"
+                print(f"sftlab: {quant}; {d.world} process(es), {self.sharding.describe()}")
         t_start = time.time()
         while self.pos["step"] < self.total_steps:
             t0 = time.time()
@@ -317,7 +367,7 @@ class Trainer:
                 self._stop_on_bad_steps(cbs)
             last = step == self.total_steps
             if self.eval_batches and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-                em = eval_loss(self.model, self.eval_batches, d.device)
+                em = dpo.evaluate(self) if self.dpo else eval_loss(self.model, self.eval_batches, d.device)
                 for cb in cbs:
                     cb.on_eval(step, em)
             self._maybe_checkpoint(step, last, cbs)
@@ -358,15 +408,19 @@ class Trainer:
         c = self.cfg.checkpoint
         traj = (c.every and step % c.every == 0) or (last and c.final)
         resume_due = (c.resume_every and step % c.resume_every == 0) or (not c.resume_every and traj)
+        # Sharded: every process takes part in gathering full tensors; process 0 writes them.
+        full = sharding.gathered_states(self.model, self.optimizer, self.method.peft, bool(traj),
+                                        bool(resume_due or last))
         if not self.dist.main:
             return
         if traj:
             entry = ckpt.write_checkpoint(self.run_dir, step, self.model, self.method.peft,
-                                          before_rename=self.hooks.get("before_rename"))
+                                          before_rename=self.hooks.get("before_rename"), state=full.get("weights"))
             for cb in cbs:
                 cb.on_checkpoint(step, entry)
         if resume_due or last:
-            ckpt.save_resume(self.run_dir, self.model, self.optimizer, self.scheduler, dict(self.pos))
+            ckpt.save_resume(self.run_dir, self.model, self.optimizer, self.scheduler, dict(self.pos),
+                             full.get("trainable"), full.get("optimizer"))
 
 
 class _null:

@@ -1,0 +1,186 @@
+"""Functional tokens: new vocabulary entries (tool-call tags, reasoning markers, placeholders) learned by SFT.
+
+A config's `model.new_tokens` adds tokens to the tokenizer, resizes the embedding matrices (padded to a
+multiple of `model.pad_vocab_to`, tied or untied) and initialises the new rows, as a pure function of the
+base weights, the token specs and the run seed, so a reload rebuilds exactly the matrix training started from.
+New rows start at the mean of the existing rows (Hewitt 2021, "Initializing new word embeddings for
+pretrained language models": the mean keeps the new token's logit near the average one instead of
+dominating the softmax), or at the mean of the rows of a description's words, optionally plus small noise
+(so tokens with the same init can part). Padding rows are zero: no token maps to them.
+
+Which rows train:
+- an adapter method (LoRA) trains only the new rows, through PEFT's trainable tokens
+  (`trainable_token_indices`): the rows are parameters of their own, the matrices stay frozen and bitwise
+  unchanged, and the adapter saves the new rows only. Untied models get the output rows as well.
+- full fine-tuning trains every row (`model.new_token_rows: all`), or only the new ones (`new`): a gradient
+  hook zeroes the old rows' gradient and the matrix leaves weight decay, so AdamW's moments of those rows stay
+  exactly zero and its update is exactly zero (masking the gradient alone is not enough: decoupled weight
+  decay would still shrink them).
+- a token with `output: false` in an untied model keeps its output row at the init (same hook, no decay).
+
+Retention stays comparable: kl_to_base compares distributions over the base's own vocabulary (probes/kl.py),
+so on text without the new tokens the model at step 0 has exactly the base's distribution there; the mass
+the model puts on new and padding rows is reported beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+
+TOKENIZER_DIR = "tokenizer"  # RUN/tokenizer: the tokenizer with its added tokens, written once per run
+
+
+@dataclass
+class TokenPlan:
+    """Where the new tokens sit, for the method and the checks."""
+
+    ids: list[int]  # the new tokens' ids, in config order
+    output_ids: list[int]  # those whose output row trains (output: true, or any token of a tied model)
+    old_rows: int  # rows of the base's embedding matrix
+    rows: int  # rows after resizing (padded)
+    tied: bool
+    embed_name: str = "embed_tokens"  # module names, as PEFT's trainable_token_indices wants them
+    head_name: str = "lm_head"
+    frozen: list[str] = field(default_factory=list)  # parameters with frozen rows (hooked, out of weight decay)
+
+
+def add_tokens(tokenizer, specs) -> list[int]:
+    """Add the tokens of `specs` (config.NewToken) to `tokenizer` in place; their ids, in order."""
+    from tokenizers import AddedToken
+
+    if not specs:
+        return []
+    vocab = tokenizer.get_vocab()
+    taken = [s.text for s in specs if s.text in vocab]
+    if taken:
+        raise ModelError(f"model.new_tokens: {taken[0]!r} is already a token of this tokenizer (id "
+                         f"{vocab[taken[0]]}); use it as it is, or pick a new text")
+    added = [AddedToken(s.text, special=s.special, normalized=False, single_word=False) for s in specs]
+    tokenizer.add_tokens(added)
+    ids = tokenizer.convert_tokens_to_ids([s.text for s in specs])
+    for s, i in zip(specs, ids):  # an added token must come out as one id, whatever its neighbours
+        got = tokenizer(f"a{s.text}b", add_special_tokens=False)["input_ids"]
+        if i not in got:
+            raise ModelError(f"model.new_tokens: {s.text!r} was added but the tokenizer still splits it")
+    return list(ids)
+
+
+def _is_tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def _module_name(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    raise ModelError("model.new_tokens: cannot find the embedding module by name")
+
+
+def _init_rows(weight, n_real: int, specs, ids: list[int], desc_ids: list[list[int]], noise: float, gen):
+    """Write the new rows of one (V, H) matrix in place; rows >= n_real that are not new become zero."""
+    import torch
+
+    real = weight[:n_real].float()  # (n_real, H)
+    mean, std = real.mean(0), real.std(0)  # (H,)
+    new = torch.zeros(weight.shape[0] - n_real, weight.shape[1])  # padding rows: zero
+    for s, i, d in zip(specs, ids, desc_ids):
+        row = real[d].mean(0) if s.init.startswith("description") else mean
+        if s.init.endswith("_noise"):
+            row = row + noise * std * torch.randn(weight.shape[1], generator=gen)
+        new[i - n_real] = row
+    weight[n_real:] = new.to(weight.dtype)
+
+
+def init_new_rows(model, tokenizer, model_cfg, seed: int) -> TokenPlan | None:
+    """Resize `model`'s embeddings for the tokens `add_tokens` put in `tokenizer`, initialise the new rows
+    (deterministic in the base weights, the specs and `seed`); the plan, or None without new tokens."""
+    import torch
+
+    specs = model_cfg.new_tokens
+    if not specs:
+        return None
+    ids = tokenizer.convert_tokens_to_ids([s.text for s in specs])
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    n_real = min(ids)  # the base tokenizer's tokens; rows between them and old_rows (if any) are spare rows
+    if n_real < old_rows:
+        raise ModelError(f"model.new_tokens: the model has {old_rows} embedding rows but the tokenizer only "
+                         f"{n_real} tokens; spare rows are not supported for new tokens (or the base already "
+                         "has new tokens): start from a base without them")
+    need = max(ids) + 1
+    pad = model_cfg.pad_vocab_to
+    rows = -(-need // pad) * pad if pad else need
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    tied = _is_tied(model)
+    desc_ids = []
+    for s in specs:
+        d = tokenizer(s.description, add_special_tokens=False)["input_ids"] if s.description else []
+        d = [i for i in d if i < n_real]
+        if s.init.startswith("description") and not d:
+            raise ModelError(f"model.new_tokens: the description of {s.text!r} has no known token")
+        desc_ids.append(d)
+    gen = torch.Generator().manual_seed(seed)
+    mats = [model.get_input_embeddings().weight] + ([] if tied else [model.get_output_embeddings().weight])
+    with torch.no_grad():
+        for w in mats:
+            _init_rows(w.data, n_real, specs, ids, desc_ids, model_cfg.init_noise, gen)
+    out_ids = [i for s, i in zip(specs, ids) if s.output or tied]
+    head = model.get_output_embeddings()
+    return TokenPlan(list(ids), out_ids, old_rows, rows, tied,
+                     _module_name(model, model.get_input_embeddings()),
+                     _module_name(model, head) if head is not None else "lm_head")
+
+
+def method_kwargs(plan: TokenPlan) -> dict:
+    """What an adapter method with token_rows gets: the rows that train, per module."""
+    indices = {plan.embed_name: list(plan.ids)}
+    if not plan.tied:  # untied: the output rows are a matrix of their own (input-only ones are frozen below)
+        indices[plan.head_name] = list(plan.ids)
+    return {"token_indices": indices}
+
+
+def _freeze_rows(param, keep: list[int]) -> None:
+    """Zero the gradient of every row of `param` but `keep`; the parameter leaves weight decay (see above)."""
+    import torch
+
+    mask = torch.zeros(param.shape[0], 1, dtype=param.dtype, device=param.device)  # (rows, 1)
+    mask[keep] = 1
+    param.register_hook(lambda g: g * mask)
+    param._sftlab_no_decay = True  # read by train.loop.build_optimizer
+
+
+def freeze_rows(model, plan: TokenPlan, model_cfg, peft: bool) -> None:
+    """After the method is applied: hold the rows that must not train at their values (bitwise)."""
+    from .objectives import unwrap
+
+    if peft:
+        if plan.tied or plan.output_ids == plan.ids:
+            return
+        # PEFT's output-row parameter holds one row per new token, in plan.ids order
+        keep = [k for k, i in enumerate(plan.ids) if i in plan.output_ids]
+        for name, p in model.named_parameters():
+            if plan.head_name in name.split(".") and "trainable_tokens_delta" in name:
+                _freeze_rows(p, keep)
+                plan.frozen.append(name)
+        return
+    base = unwrap(model)
+    emb, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    if model_cfg.new_token_rows == "new" and emb.requires_grad:
+        _freeze_rows(emb, plan.ids)
+        plan.frozen.append("input embeddings")
+    if not plan.tied and head.requires_grad and (model_cfg.new_token_rows == "new" or plan.output_ids != plan.ids):
+        # "all": only the output rows of input-only new tokens stay frozen
+        keep = plan.output_ids if model_cfg.new_token_rows == "new" else \
+            [i for i in range(head.shape[0]) if i not in set(plan.ids) - set(plan.output_ids)]
+        _freeze_rows(head, keep)
+        plan.frozen.append("output embeddings")
+
+
+def save_tokenizer(run_dir: Path, tokenizer) -> Path:
+    """RUN/tokenizer: the tokenizer with its added tokens (reload: AutoTokenizer.from_pretrained)."""
+    out = Path(run_dir) / TOKENIZER_DIR
+    tokenizer.save_pretrained(str(out))
+    return out
