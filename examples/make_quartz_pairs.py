@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wheel", default=None)
     ap.add_argument("--train", type=int, default=400)
-    ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--eval", type=int, default=100)
     args = ap.parse_args()
     with zipfile.ZipFile(find_wheel(args.wheel)) as z:
         rows = [json.loads(x) for x in z.read(MEMBER).decode("utf-8").splitlines() if x.strip()]

@@ -161,3 +161,39 @@ def test_cached_reference_equals_live_reference(tiny_model_dir, tokenizer):
     with torch.no_grad():
         pol_c, _, _, _ = pair_logps(peft_model, batch)
     assert (pol_c - live_c).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"objective": {"name": "dpo"}, "data": {"packing": True}}, "data.packing"),
+    ({"objective": {"name": "dpo", "reference": "disable_adapter"}, "method": {"name": "full"}}, "disable_adapter"),
+    ({"objective": {"name": "dpo", "loss": "ipo", "label_smoothing": 0.1}}, "label_smoothing"),
+    ({"objective": {"name": "dpo", "loss": "robust", "label_smoothing": 0.5}}, "[0, 0.5)"),
+    ({"objective": {"name": "dpo", "loss": "kto"}}, "objective.loss"),
+])
+def test_dpo_config_errors_say_what_to_do(extra, needle):
+    from sftlab.config import config_from_dict
+    from sftlab.configtools import ConfigError
+
+    d = {"data": {"train": [{"path": "pairs.jsonl"}], **extra.pop("data", {})}, **extra}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(d)
+    assert needle in str(e.value)
+
+
+def test_pipeline_stage_must_start_from_an_earlier_stage(tmp_path):
+    import yaml
+
+    from sftlab.configtools import ConfigError
+    from sftlab.pipeline import read_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "dpo", "from": "sft", "config": {}},
+                                               {"name": "sft", "config": {}}]}))
+    with pytest.raises(ConfigError, match="earlier stage"):
+        read_pipeline(path)
+    path.write_text(yaml.safe_dump({"stages": [{"name": "sft", "config": {}}], "stage": []}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        read_pipeline(path)
