@@ -147,6 +147,8 @@ class Trainer:
             if self.dist.main and not self.resume:
                 write_error(self.run_dir, str(e))
             raise
+        # new tokens: resize and initialise before anything scores the starting model (the DPO reference too)
+        self.token_plan = tokens.init_new_rows(model, self.tokenizer, cfg.model, cfg.run.seed)
         if cfg.quantization.enabled:
             from ..quantize import prepare_for_training
 
@@ -160,7 +162,6 @@ class Trainer:
             model.enable_input_require_grads()
         if self.dpo and cfg.objective.reference == "cached":
             dpo.attach_reference(self, model)  # the reference is the starting model: score it before the method
-        self.token_plan = tokens.init_new_rows(model, self.tokenizer, cfg.model, cfg.run.seed)
         kw = tokens.method_kwargs(self.token_plan) if self.token_plan and self.method.peft else {}
         model = self.method.apply(model, cfg.method.options, **kw)
         if self.token_plan is not None:
