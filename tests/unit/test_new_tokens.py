@@ -275,3 +275,29 @@ def test_tool_call_probe_on_a_model(tmp_path, model_dir):
     out = s.extra["samples"][0]["output"]
     assert out.startswith("<tool_call>"), out  # decoded with the tag kept
     assert s.extra["rates"]["any_call"]["value"] == 1.0 and s.n == 1
+
+
+def test_interpolation_export_and_analysis_carry_new_rows(tmp_path, model_dir):
+    """Rewinding moves the new rows along the path too (alpha 0: their init, 1: trained); analyze runs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlab.analysis.run import AnalyzeOptions, analyze_run
+    from sftlab.interpolate import export_at, model_at
+    from sftlab.runs import Run
+
+    run_dir = _train(tmp_path, model_dir, method={"name": "lora", "r": 4}, train={"steps": 3, "lr": 1e-2})
+    run = Run(run_dir)
+    n0 = _base_weights(model_dir)[0].shape[0]
+    start = run.load_initial().get_input_embeddings().weight[n0:n0 + 2].clone()
+    trained = run.load(merge=True)[0].get_input_embeddings().weight[n0:n0 + 2].clone()
+    at0 = model_at(run, None, 0.0)[0].get_input_embeddings().weight[n0:n0 + 2]
+    assert torch.equal(at0, start)
+    half, tok = model_at(run, None, 0.5)
+    assert torch.allclose(half.get_input_embeddings().weight[n0:n0 + 2], (start + trained) / 2, atol=1e-6)
+    assert len(tok) == n0 + 2
+    out = export_at(run, None, 0.5, tmp_path / "half")
+    plain = AutoModelForCausalLM.from_pretrained(str(out))
+    assert AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids("</tool_call>") == n0 + 1
+    assert torch.allclose(plain.get_input_embeddings().weight[n0:n0 + 2], (start + trained) / 2, atol=1e-6)
+    summary = analyze_run(run_dir, AnalyzeOptions(n_texts=2, progress=False))
+    assert summary
