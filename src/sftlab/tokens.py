@@ -173,8 +173,9 @@ def freeze_rows(model, plan: TokenPlan, model_cfg, peft: bool) -> None:
         plan.frozen.append("input embeddings")
     if not plan.tied and head.requires_grad and (model_cfg.new_token_rows == "new" or plan.output_ids != plan.ids):
         # "all": only the output rows of input-only new tokens stay frozen
+        input_only = set(plan.ids) - set(plan.output_ids)
         keep = plan.output_ids if model_cfg.new_token_rows == "new" else \
-            [i for i in range(head.shape[0]) if i not in set(plan.ids) - set(plan.output_ids)]
+            [i for i in range(head.shape[0]) if i not in input_only]
         _freeze_rows(head, keep)
         plan.frozen.append("output embeddings")
 

@@ -301,3 +301,20 @@ def test_interpolation_export_and_analysis_carry_new_rows(tmp_path, model_dir):
     assert torch.allclose(plain.get_input_embeddings().weight[n0:n0 + 2], (start + trained) / 2, atol=1e-6)
     summary = analyze_run(run_dir, AnalyzeOptions(n_texts=2, progress=False))
     assert summary
+
+
+def test_special_flag():
+    """special: true -> dropped by decode(skip_special_tokens=True), also after save/reload; never split."""
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZER_DIR
+    from sftlab.config import config_from_dict
+    from sftlab.tokens import add_tokens
+
+    cfg = config_from_dict({"model": {"new_tokens": [{"text": "<think>", "special": True}, {"text": "<x>"}]}})
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    a, b = add_tokens(tok, cfg.model.new_tokens)
+    ids = tok("p<think>q<x>r", add_special_tokens=False)["input_ids"]
+    assert a in ids and b in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "pq<x>r"
+    assert tok.decode(ids) == "p<think>q<x>r"
