@@ -30,9 +30,18 @@ def _first_score(scores: dict, kind: str):
     return next((s.get("value") for s in scores.values() if isinstance(s, dict) and s.get("kind") == kind), None)
 
 
+def _first_name(steps: list[tuple[int, dict]], kind: str) -> str:
+    for _, e in steps:
+        for name, s in (e.get("scores") or {}).items():
+            if isinstance(s, dict) and s.get("kind") == kind:
+                return f"{kind} ({name})"
+    return kind
+
+
 def _table(steps: list[tuple[int, dict]]) -> str:
-    head = ["step", "task", "retention", "effective rank", "90% energy rank", "intruders", "‖dW‖F/‖W0‖F",
-            "dP smoothness", "drift (general)", "CKA (general)", "drift (task)", "update response"]
+    head = ["step", _first_name(steps, "task"), _first_name(steps, "retention"), "effective rank",
+            "90% energy rank", "intruders", "‖dW‖F/‖W0‖F", "dP smoothness", "drift (general)", "CKA (general)",
+            "drift (task)", "update response"]
     rows = []
     for step, e in steps:
         w, a = e.get("weights") or {}, e.get("activations") or {}
@@ -136,7 +145,7 @@ def geometry_one(r: RunData) -> str | None:
                                         "activation space only.") + "</p>") if not summary.get("weight_change") else ""
     settings = summary.get("settings") or {}
     src = f"<p class=\"dim\">Layers {esc(settings.get('layers_used'))}; task prompts from " \
-          f"{esc(settings.get('task_source') or '–')}; `sftlab analyze` writes these numbers.</p>"
+          f"{esc(settings.get('task_source') or '–')}; written by <code>sftlab analyze</code>.</p>"
     parts = [note, src, _table(steps), _along_steps(steps)]
     parts.append(_per_layer_chart(steps, _act_metric("general", "cosine_drift"), "1 − cos",
                                   "activation drift per layer, general text (block outputs)"))
