@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -282,7 +283,12 @@ def load_resume(folder: Path, model, optimizer, scheduler) -> dict:
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise RuntimeError(f"{folder}: resume state lacks {missing[:3]}...; was the config changed since?")
-    state = torch.load(folder / "state.pt", weights_only=True)  # never unpickle arbitrary objects
+    try:
+        state = torch.load(folder / "state.pt", weights_only=True)  # never unpickle arbitrary objects
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise SftlabError(f"{folder / 'state.pt'}: refused to load the resume state ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}); it is damaged or holds more than tensors. Resume "
+                          f"from a copy you trust, or start the run again in a new folder") from None
     if is_sharded(model):  # each process keeps its shard of the full tensors
         load_trainable(model, weights)
         load_optimizer(model, optimizer, state["optimizer"])
