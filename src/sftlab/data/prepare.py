@@ -43,9 +43,15 @@ def _memo_key(cfg, tokenizer) -> str | None:
         st = os.stat(src.path)
         stats.append([os.path.abspath(src.path), st.st_size, st.st_mtime_ns])
     key = {"data": to_dict(cfg.data), "seed": cfg.run.seed, "files": stats,
-           "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer), sorted(_added(tokenizer)),
                          str(getattr(tokenizer, "chat_template", "")), tokenizer.pad_token_id, tokenizer.eos_token_id]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _added(tokenizer) -> list:
+    """Added tokens (model.new_tokens): two tokenizers of one length may differ in them."""
+    get = getattr(tokenizer, "get_added_vocab", None)
+    return [list(kv) for kv in get().items()] if get else []
 
 
 def prepare_data(cfg, tokenizer, progress: bool = False) -> Prepared:
