@@ -376,11 +376,14 @@ def write_reddit_dump(folder: Path, target_bytes: int) -> list[Path]:
 
 
 CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from sftlab.data.votes import PairRules, build_pairs
     t = time.perf_counter()
     r = build_pairs(sys.argv[2:], sys.argv[1], PairRules(max_pairs_per_post=1))
-    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pairs": r.pairs,
+    # VmHWM: this process image's own peak. (ru_maxrss survives fork+exec: under a big pytest process it reports
+    # the parent's size, 2.5 GB in a full-suite run, not the builder's.)
+    hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    print(json.dumps({"peak_mb": hwm / 1024, "pairs": r.pairs,
                       "replies": r.replies, "s": time.perf_counter() - t}))
 """)
 
