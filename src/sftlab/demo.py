@@ -38,7 +38,7 @@ QUICK = DemoPlan(("lora", "prefix"), steps=16, batch_size=8, checkpoint_every=4,
 BUDGET = "50k"  # trainable parameters: prompt tuning reaches it with 87 virtual tokens, prefix with 4
 # Learning rates chosen by the sweep recorded in DEVELOPERS.md (largest hypervolume per method), which
 # `sftlab demo --sweep` reruns: the same arena with SWEEP_LRS.
-LRS = {"full": 3e-5, "lora": 3e-3, "oft": 1e-2, "prefix": 3e-2, "prompt": 1e-1}
+LRS = {"full": 3e-5, "lora": 3e-3, "oft": 1e-2, "prefix": 3e-2, "prompt": 3e-2}
 SWEEP_LRS = {"full": [3e-5], "lora": [1e-3, 3e-3], "oft": [3e-3, 1e-2], "prefix": [1e-2, 3e-2],
              "prompt": [3e-2, 1e-1]}
 
