@@ -33,7 +33,7 @@ class DemoPlan:
 
 FULL = DemoPlan(("full", "lora", "oft", "prefix", "prompt"), steps=40, batch_size=8, checkpoint_every=4,
                 n_task=32, n_general=8, n_generate=8)
-QUICK = DemoPlan(("lora", "prefix"), steps=16, batch_size=8, checkpoint_every=4, n_task=32, n_general=8,
+QUICK = DemoPlan(("lora", "oft"), steps=16, batch_size=8, checkpoint_every=4, n_task=32, n_general=8,
                  n_generate=4)
 BUDGET = "50k"  # trainable parameters: prompt tuning reaches it with 87 virtual tokens, prefix with 4
 # Learning rates chosen by the sweep recorded in DEVELOPERS.md (largest hypervolume per method), which
@@ -93,7 +93,7 @@ def run_demo(quick: bool = False, output_dir: str = "runs", plan: DemoPlan | Non
         _generate_samples(folder)
     board = leaderboard_for(folder)
     report = render_report(folder)
-    print(summary(board, time.time() - t0, base_scores(folder)))
+    print(summary(board, time.time() - t0, base_scores(folder), printed=True))  # run_arena printed the board
     print(f"\nreport: {report}\narena:  {folder}  (rerun: sftlab arena {folder}/arena.yaml)")
     return folder
 
@@ -128,10 +128,10 @@ def base_scores(folder: Path) -> dict | None:
     return None
 
 
-def summary(board: dict, seconds: float, base: dict | None = None) -> str:
+def summary(board: dict, seconds: float, base: dict | None = None, printed: bool = False) -> str:
     from .arena import format_leaderboard
 
-    lines = ["", format_leaderboard(board), ""]
+    lines = ["", format_leaderboard(board), ""] if not printed else [""]
     trials = [t for t in board.get("trials", []) if t.get("kept")]
     if trials:
         lines.append("Task accuracy (label scoring, held-out articles; 95% bootstrap CI), final checkpoint:")
