@@ -380,20 +380,23 @@ def validate_combinations(cfg: RunConfig) -> None:
                               "the weights themselves; use objective.reference=cached")
 
 
+def read_yaml(path: str | Path, what: str = "config") -> object:
+    """A YAML file's content, or a one-line ConfigError naming the file (and line) and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} file not found")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; save the {what} as UTF-8") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+    data = read_yaml(path) if path is not None else {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (run, model, method, data, train, ...)")
     apply_overrides(data, list(overrides))

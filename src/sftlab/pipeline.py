@@ -23,8 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from .config import read_yaml
 from .configtools import ConfigError, apply_overrides
 
 STATE = "pipeline.json"
@@ -41,12 +40,7 @@ class Stage:
 def read_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, list[Stage]]:
     """(pipeline folder, stages) from the YAML file; `overrides` are STAGE.key.path=value."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: pipeline file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    data = read_yaml(p, "pipeline")
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise ConfigError(f"{p}: expected 'stages: [{{name: sft, config: {{...}}}}, {{name: dpo, from: sft, "
                           "config: {...}}]'")
@@ -77,7 +71,7 @@ def _stage(i: int, s, base: Path) -> Stage:
         f = Path(cfg) if Path(cfg).is_absolute() else base / cfg
         if not f.is_file():
             raise ConfigError(f"stages[{i}].config: {f} not found")
-        cfg = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        cfg = read_yaml(f)
     if not isinstance(cfg, dict):
         raise ConfigError(f"stages[{i}].config: expected a run config (mapping) or a path to one")
     src = s.get("from")

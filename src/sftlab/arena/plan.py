@@ -17,7 +17,7 @@ from typing import Literal
 
 import yaml
 
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig, config_from_dict, read_yaml
 from ..configtools import ConfigError, apply_overrides, check, doc, from_dict
 
 # Learning rates that train each method on small models in a few dozen steps; the sweep multiplies them
@@ -89,12 +89,7 @@ class Trial:
 def load_arena(path: str | Path, overrides: list[str] = ()) -> tuple[ArenaSection, dict]:
     """(arena section, the shared run config as a dict). Overrides address both: arena.seeds=[0,1]."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: arena config not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    data = read_yaml(p, "arena config")
     if not isinstance(data, dict) or not isinstance(data.get("arena", {}), dict):
         raise ConfigError(f"{p}: an arena config is a run config plus an 'arena:' section")
     apply_overrides(data, list(overrides))
