@@ -74,7 +74,8 @@ class ModelSection:
         "checkpoint); an adapter is merged into the base, full weights are loaded; the run is only read. The "
         "base (for retention probes) stays that run's base model", default="")
     new_tokens: list[NewToken] = doc("tokens to add (tool-call tags, markers): the embeddings are resized and only "
-                                     "the new rows train with an adapter method; see tokens.py",
+                                     "the new rows train with an adapter method (any of them; saved with the "
+                                     "adapter, in ADAPTER/tokens for all but LoRA); see tokens.py",
                                      default_factory=list)
     new_token_rows: Literal["all", "new"] = doc(
         "full fine-tuning with new_tokens: train every embedding row (all) or only the new rows, the old ones "
@@ -366,8 +367,8 @@ def validate_combinations(cfg: RunConfig) -> None:
     if cfg.data.eval and cfg.data.eval_fraction:
         raise ConfigError("data.eval_fraction: set either data.eval sources or data.eval_fraction, not both")
     if cfg.model.new_tokens and spec.peft and not spec.token_rows:
-        raise ConfigError(f"model.new_tokens: method {spec.name!r} cannot train embedding rows here (PEFT "
-                          "0.21 offers trainable_token_indices for LoRA only); use method.name=lora or full")
+        raise ConfigError(f"model.new_tokens: method {spec.name!r} does not say it can train embedding rows "
+                          "(Method.token_rows); use a built-in method (lora, oft, boft, ia3, prefix, prompt, full)")
     if cfg.model.new_token_rows == "new" and spec.peft:
         raise ConfigError("model.new_token_rows: 'new' is for full fine-tuning; adapter methods always train "
                           "only the new rows")

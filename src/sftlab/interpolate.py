@@ -9,7 +9,8 @@
   OFT's S as the packed strict upper triangle (OFTRotationModule.weight, shape (blocks, b(b-1)/2)) and
   BOFT's as a full matrix that it skew-symmetrises, 0.5·(M − M^T) (boft_R, shape (factors, blocks, b, b)),
   so scaling the stored tensor scales S. BOFT also learns a per-output magnitude boft_s (init 1); it is
-  interpolated linearly, s(a) = 1 + a·(s − 1), as it multiplies the weight.
+  interpolated linearly, s(a) = 1 + a·(s − 1), as it multiplies the weight. New-token rows (a non-LoRA
+  adapter keeps them in ADAPTER/tokens, tokens.py) move linearly from their init to their trained values.
 - Prefix and prompt tuning add virtual tokens, not a weight update: they rewind to checkpoints only.
 
 `Interpolator` holds one model and moves it along the path in place, so scoring a grid of alphas costs
@@ -52,11 +53,13 @@ class Interpolator:
         self.kind = run.method.merge  # "additive" | "rotation" | None
         self.alpha = 1.0
         self.tokenizer = run.tokenizer()  # the base's, or with new tokens the run's saved one
+        self.token_rows = []  # a rotation adapter's new-token rows (ADAPTER/tokens): moved linearly, like boft_s
         if self.kind == "additive":
             self.model, self.delta = _additive_delta(run, self.step)
             self.alpha = 0.0  # _additive_delta leaves the model at the base weights
         elif self.kind == "rotation":
-            self.model, _ = run.load(self.step, merge=False)
+            path = run.dir / run.checkpoint(self.step)["path"]
+            self.model, self.token_rows = run.load_adapter(run.load_initial(), path)
             self.generators, self.scales = _rotation_params(self.model)
         else:
             self.model, _ = run.load(self.step, merge=False)
@@ -81,6 +84,8 @@ class Interpolator:
                     p.copy_(s * a)  # a·S: Cayley(a·S) stays a rotation
                 for p, s in self.scales:
                     p.copy_(torch.lerp(torch.ones_like(s), s, a))  # exact at both ends
+                for rows in self.token_rows:
+                    rows.at(a)  # init + a·(trained − init), exact at both ends
         self.alpha = a
         return self.model
 
@@ -190,12 +195,18 @@ def _write_at(run, step, alpha: float, tmp: Path, merged: bool) -> None:
     entry = run.checkpoint(interp.step)
     base = run.base_ref()
     model = interp.merged(alpha) if merged else interp.at(alpha)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # an adapter: no embedding matrices (PEFT would add the whole resized ones after new tokens)
+    model.save_pretrained(str(tmp), safe_serialization=True, **({} if merged else {"save_embedding_layers": False}))
     if not merged:  # an adapter folder: point it at the base this run used
         cfg_path = tmp / "adapter_config.json"
         acfg = json.loads(cfg_path.read_text())
         acfg["base_model_name_or_path"] = base.location
         cfg_path.write_text(json.dumps(acfg, indent=2))
+        if interp.token_rows:  # the new rows at alpha, beside it as in a checkpoint (tokens.py)
+            from .tokens import TOKEN_ADAPTER_DIR, write_token_adapter
+
+            write_token_adapter(tmp / TOKEN_ADAPTER_DIR, {r.name: r.weight[r.ids] for r in interp.token_rows},
+                                interp.token_rows[0].ids, base.location, model.get_base_model())
     interp.tokenizer.save_pretrained(str(tmp))  # tokenizer and chat template travel with the export
     gen = Path(base.location) / "generation_config.json"
     if gen.is_file():

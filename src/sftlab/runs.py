@@ -109,18 +109,26 @@ class Run:
         if not self.method.peft:
             ref_ckpt = ModelRef(str(path), str(path), "", "local")
             return load_model(ref_ckpt, self.cfg.model.dtype, self.cfg.model.trust_remote_code), tok
-        from peft import PeftModel
-
-        base = self.load_initial()  # the base (or the starting run's weights) the adapter was trained on
-        ctx = self.method.load_context() if self.method.load_context else contextlib.nullcontext()
-        with ctx:
-            model = PeftModel.from_pretrained(base, str(path))
+        model, _ = self.load_adapter(self.load_initial(), path)  # on what the adapter was trained on
         if merge:
             if self.method.merge is None:
                 raise SftlabError(f"method {self.method.name!r} adds virtual tokens, it has no weights to merge; "
                                   "export it without --merge (as an adapter)")
             model = model.merge_and_unload()
         return model, tok
+
+    def load_adapter(self, base, path: Path):
+        """(PeftModel, [tokens.TokenRows]): the adapter folder `path` on `base` (Run.load_initial). A non-LoRA adapter
+        with new tokens keeps their rows in path/tokens, a TrainableTokens adapter merged into `base` first: the
+        plain-PEFT recipe of tokens.py; the rows say where they were before and after (for rewinding)."""
+        from peft import PeftModel
+
+        from .tokens import merge_token_adapter
+
+        base, rows = merge_token_adapter(base, path)
+        ctx = self.method.load_context() if self.method.load_context else contextlib.nullcontext()
+        with ctx:
+            return PeftModel.from_pretrained(base, str(path)), rows
 
 
 class StartPoint:
@@ -222,11 +230,14 @@ def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
 
 def _write_export(run: Run, entry: dict, base: ModelRef, tmp: Path, merge: bool) -> None:
     if run.method.peft and not merge:
-        shutil.copytree(run.dir / entry["path"], tmp)
-        cfg_path = tmp / "adapter_config.json"
-        acfg = json.loads(cfg_path.read_text())
-        acfg["base_model_name_or_path"] = base.location
-        cfg_path.write_text(json.dumps(acfg, indent=2))
+        from .tokens import TOKEN_ADAPTER_DIR
+
+        shutil.copytree(run.dir / entry["path"], tmp)  # with ADAPTER/tokens, the new-token rows of non-LoRA methods
+        for cfg_path in (tmp / "adapter_config.json", tmp / TOKEN_ADAPTER_DIR / "adapter_config.json"):
+            if cfg_path.is_file():
+                acfg = json.loads(cfg_path.read_text())
+                acfg["base_model_name_or_path"] = base.location
+                cfg_path.write_text(json.dumps(acfg, indent=2))
     else:
         model, _ = run.load(entry["step"], merge=True)
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -30,7 +30,8 @@ class Method:
     # A context manager factory wrapped around loading a saved adapter (e.g. to skip a kernel build).
     load_context: Callable[[], Any] | None = None
     # True when apply(model, options, token_indices={module: [ids]}) trains exactly those embedding rows and
-    # saves only them (PEFT's trainable tokens): what model.new_tokens needs from an adapter method.
+    # saves only them (PEFT's trainable tokens): what model.new_tokens needs from an adapter method. Every
+    # built-in PEFT method does (peft_wrap); a method registered elsewhere says so here.
     token_rows: bool = False
 
 
@@ -41,11 +42,18 @@ def register_method(method: Method) -> Method:
     return METHODS.register(method.name, method)
 
 
-def peft_wrap(model, peft_config):
-    """Wrap `model` with a PEFT config; the one place PEFT's get_peft_model is called."""
+def peft_wrap(model, peft_config, token_indices: dict[str, list[int]] | None = None):
+    """Wrap `model` with a PEFT config; the one place PEFT's get_peft_model is called. `token_indices`
+    ({module: [ids]}, new tokens): those embedding rows train too, through PEFT's trainable tokens, whether or not
+    the config has a field for them (tokens.attach_trainable_rows)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if token_indices:
+        from ..tokens import attach_trainable_rows
+
+        attach_trainable_rows(model, token_indices)
+    return model
 
 
 def targets(value: list[str]) -> Any:

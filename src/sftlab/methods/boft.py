@@ -27,7 +27,7 @@ _NO_KERNEL = ("method.n_butterfly_factor: PEFT runs more than one butterfly fact
               "use method.n_butterfly_factor=1, or ")
 
 
-def apply(model, o: BOFTOptions):
+def apply(model, o: BOFTOptions, token_indices: dict[str, list[int]] | None = None):
     import torch
     from peft import BOFTConfig
     from peft.tuners.boft import layer as boft_layer
@@ -38,7 +38,7 @@ def apply(model, o: BOFTOptions):
     if o.cuda_kernel and torch.cuda.is_available():
         if o.n_butterfly_factor > 1 and boft_layer.get_fbd_cuda() is None:
             raise SftlabError(_NO_KERNEL + "PEFT's CUDA kernel failed to build here (needs nvcc and ninja)")
-        return peft_wrap(model, cfg)
+        return peft_wrap(model, cfg, token_indices)
     if o.n_butterfly_factor > 1:
         # PEFT would silently train with one factor and still record the one asked for.
         raise SftlabError(_NO_KERNEL + "set method.cuda_kernel=true on a CUDA machine with nvcc and ninja")
@@ -46,7 +46,7 @@ def apply(model, o: BOFTOptions):
     # failed build, and without CUDA once per adapted layer, since a failure is not cached - warning each
     # time, then runs the pure-PyTorch path. Go to that path directly.
     with pytorch_path():
-        return peft_wrap(model, cfg)
+        return peft_wrap(model, cfg, token_indices)
 
 
 def pytorch_path():
@@ -59,4 +59,4 @@ def pytorch_path():
 
 
 register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge="rotation",
-                       load_context=pytorch_path))
+                       load_context=pytorch_path, token_rows=True))

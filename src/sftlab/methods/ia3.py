@@ -29,14 +29,14 @@ def other_layers(layers: list[int]) -> str:
     return rf".*\.(?:layers|h|blocks|layer)\.(?!(?:{keep})\.)\d+\..*"
 
 
-def apply(model, o: IA3Options):
+def apply(model, o: IA3Options, token_indices: dict[str, list[int]] | None = None):
     from peft import IA3Config
 
     cfg = IA3Config(task_type="CAUSAL_LM",
                     target_modules=targets(o.target_modules) if o.target_modules else None,
                     feedforward_modules=list(o.feedforward_modules) if o.feedforward_modules else None,
                     exclude_modules=other_layers(o.layers) if o.layers is not None else None)
-    return peft_wrap(model, cfg)
+    return peft_wrap(model, cfg, token_indices)
 
 
-register_method(Method("ia3", IA3Options, apply, "IA3 rescaling vectors"))
+register_method(Method("ia3", IA3Options, apply, "IA3 rescaling vectors", token_rows=True))

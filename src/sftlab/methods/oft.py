@@ -31,15 +31,15 @@ class OFTOptions:
         check(0.0 <= self.dropout < 1.0, "method.dropout", "must be in [0, 1)")
 
 
-def apply(model, o: OFTOptions):
+def apply(model, o: OFTOptions, token_indices: dict[str, list[int]] | None = None):
     from peft import OFTConfig
 
     cfg = OFTConfig(r=0, oft_block_size=o.block_size, target_modules=targets(o.target_modules),
                     use_cayley_neumann=o.neumann, num_cayley_neumann_terms=o.neumann_terms,
                     module_dropout=o.dropout, block_share=o.block_share, layers_to_transform=o.layers,
                     task_type="CAUSAL_LM")
-    return peft_wrap(model, cfg)
+    return peft_wrap(model, cfg, token_indices)
 
 
 register_method(Method("oft", OFTOptions, apply, "orthogonal fine-tuning (exact Cayley rotations by default)",
-                       merge="rotation"))
+                       merge="rotation", token_rows=True))

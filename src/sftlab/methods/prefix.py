@@ -16,13 +16,13 @@ class PrefixOptions:
         check(self.num_virtual_tokens >= 1, "method.num_virtual_tokens", "must be >= 1")
 
 
-def apply(model, o: PrefixOptions):
+def apply(model, o: PrefixOptions, token_indices: dict[str, list[int]] | None = None):
     from peft import PrefixTuningConfig
 
     cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens,
                              prefix_projection=o.projection, encoder_hidden_size=o.encoder_hidden_size)
-    return peft_wrap(model, cfg)
+    return peft_wrap(model, cfg, token_indices)
 
 
 register_method(Method("prefix", PrefixOptions, apply, "prefix tuning (learned per-layer key/value prefixes)",
-                       packing=False, merge=None, starts_at_base=False))
+                       packing=False, merge=None, starts_at_base=False, token_rows=True))

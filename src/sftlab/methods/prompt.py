@@ -19,7 +19,7 @@ class PromptOptions:
         check(self.init != "text" or bool(self.init_text), "method.init_text", "set it when init is 'text'")
 
 
-def apply(model, o: PromptOptions):
+def apply(model, o: PromptOptions, token_indices: dict[str, list[int]] | None = None):
     from peft import PromptTuningConfig
 
     kw = {}
@@ -27,8 +27,8 @@ def apply(model, o: PromptOptions):
         path = o.tokenizer_name_or_path or getattr(model.config, "_name_or_path", "")
         kw = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=o.init_text, tokenizer_name_or_path=path)
     cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens, **kw)
-    return peft_wrap(model, cfg)
+    return peft_wrap(model, cfg, token_indices)
 
 
 register_method(Method("prompt", PromptOptions, apply, "prompt tuning (learned soft-prompt embeddings)",
-                       packing=False, merge=None, starts_at_base=False))
+                       packing=False, merge=None, starts_at_base=False, token_rows=True))

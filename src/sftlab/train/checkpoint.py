@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import tokens
 from ..errors import SftlabError
 from ..objectives import unwrap
 
@@ -37,11 +38,12 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def hash_files(folder: Path) -> str:
-    """sha256 over the weight files of a checkpoint folder (names and contents, sorted)."""
+    """sha256 over the weight files of a checkpoint folder (relative names and contents, sorted), subfolders
+    included (ADAPTER/tokens: the new-token rows of a non-LoRA adapter, tokens.py)."""
     h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
+    for p in sorted(folder.rglob("*")):
         if p.suffix in (".safetensors", ".json") and p.is_file():
-            h.update(p.name.encode())
+            h.update(p.relative_to(folder).as_posix().encode())
             with open(p, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
@@ -61,7 +63,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
-        if p.is_file():
+        if p.is_dir():
+            _fsync_tree(p)
+        elif p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(folder)
@@ -77,6 +81,9 @@ def save_weights(model, peft: bool, folder: Path, state: dict | None = None) -> 
         # adapter's own trainable tokens (tokens.py). PEFT would otherwise save the whole resized embedding.
         inner.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False, **kw)
         _canonical_adapter_config(folder / "adapter_config.json")
+        # a method without trainable tokens in its config (all but LoRA): the rows go to FOLDER/tokens
+        if tokens.split_token_adapter(inner, folder):
+            _canonical_adapter_config(folder / tokens.TOKEN_ADAPTER_DIR / "adapter_config.json")
     else:
         unwrap(inner).save_pretrained(str(folder), safe_serialization=True, **kw)
 

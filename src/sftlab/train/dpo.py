@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .. import tokens
 from ..data.collate import BatchPlan, pad_batch
 from ..data.formats import Preference, Record, read_preferences
 from ..data.tokenize import Example, TokenizeStats, fit_length, tokenize_record, use_chat_template
@@ -161,7 +162,8 @@ def live_reference(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     was = inner.training
     inner.eval()  # the reference is a fixed function: no dropout
     try:
-        with inner.disable_adapter():
+        # new-token rows at their init too (PEFT's disable_adapter leaves them on for prefix/prompt tuning)
+        with inner.disable_adapter(), tokens.rows_at_init(inner):
             c, r, _, _ = pair_logps(inner, batch)
     finally:
         inner.train(was)
