@@ -37,6 +37,26 @@ def head_removed(model):
         base.set_output_embeddings(head)
 
 
+_HEAD_CAST: list = [None]  # (key, weight in the autocast dtype): the latest output layer cast, one at a time
+
+
+def apply_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """head(h), the same numbers, for scoring: under autocast without gradients, the output layer's weight (the
+    largest matrix of a small model, 28M of SmolLM2's 135M) is cast once and reused until it changes (an
+    optimizer step bumps its version), instead of once per call - a probe calls it per batch or per row."""
+    dev = h.device.type
+    if not (isinstance(head, nn.Linear) and torch.is_autocast_enabled(dev) and not torch.is_grad_enabled()):
+        return head(h)
+    dt, w = torch.get_autocast_dtype(dev), head.weight
+    if w.dtype == dt:
+        return head(h)
+    key = (id(w), w.data_ptr(), w._version, dt)
+    if _HEAD_CAST[0] is None or _HEAD_CAST[0][0] != key:
+        _HEAD_CAST[0] = None  # free the old copy first
+        _HEAD_CAST[0] = (key, w.detach().to(dt))
+    return F.linear(h.to(dt), _HEAD_CAST[0][1], None if head.bias is None else head.bias.to(dt))
+
+
 def forward_hidden(model, batch: dict):
     """Final hidden states (B, L, H) aligned with batch['input_ids'], and the output layer."""
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}

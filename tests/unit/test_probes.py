@@ -436,12 +436,15 @@ def test_kl_cache_reused_and_invalidated(tiny, tokenizer, tmp_path, ctx):
 # ------------------------------------------------------------------------------------------ shared prompts
 
 
-@pytest.mark.parametrize("wrap", ["none", "lora", "prompt"])
+@pytest.mark.parametrize("wrap", ["none", "lora", "prompt", "prefix"])
 def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
-    """Label/choice scoring runs each prompt once and reuses its key/value cache: same log-probs as scoring
-    every (prompt, answer) sequence on its own, for a plain model, a LoRA model (B != 0) and prompt tuning
-    (which takes the plain path)."""
-    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    """Label/choice scoring runs the tokens all prompts start with once, each prompt once, and reuses their
+    key/value caches: same log-probs as scoring every (prompt, answer) sequence on its own, for a plain model,
+    a LoRA model (B != 0), prompt tuning and prefix tuning (virtual tokens in the cache, positions after
+    them)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from sftlab.probes.likelihood import _common_prefix
 
     from sftlab.probes.likelihood import answer_examples, example_logprobs, group_logprobs
 
@@ -451,6 +454,10 @@ def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
                                                  init_lora_weights=False))
     elif wrap == "prompt":
         model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    elif wrap == "prefix":
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        for p in model.prompt_encoder.parameters():
+            torch.nn.init.normal_(p, std=0.5)  # a prefix that changes the answers
     labels = ["bird", "cat", "dog", "a much longer answer than the others"]
     prompts = [[{"role": "user", "content": t}] for t in TEXTS[:5]]
     flat = [p for p in prompts for _ in labels]
@@ -458,6 +465,7 @@ def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
     plain = example_logprobs(model, ex, 2, 3, "cpu")
     grouped = group_logprobs(model, [ex[i:i + len(labels)] for i in range(0, len(ex), len(labels))], 2, 3, "cpu")
     flat_grouped = [r for row in grouped for r in row]
+    assert _common_prefix([ex[i:i + len(labels)] for i in range(0, len(ex), len(labels))]) > 0  # shared too
     assert [r[1:] for r in flat_grouped] == [r[1:] for r in plain]  # counts and argmax hits
     assert [r[0] for r in flat_grouped] == pytest.approx([r[0] for r in plain], abs=1e-4)
     assert len({r[0] for r in plain}) > 4  # the answers really score differently
@@ -479,3 +487,24 @@ def test_bf16_scoring_has_its_own_base_cache(tiny, tokenizer, tmp_path, ctx):
     assert b["heldout_loss"]["value"] == pytest.approx(a["heldout_loss"]["value"], rel=0.02)
     assert b["heldout_loss"]["value"] != a["heldout_loss"]["value"]  # bf16 really ran
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_apply_head_reuses_the_cast_until_the_weight_changes():
+    """Scoring casts the output layer once under autocast: same numbers as calling it, and a changed weight
+    (an optimizer step, in place) is seen at once."""
+    from sftlab.objectives import apply_head
+
+    torch.manual_seed(0)
+    head, h = torch.nn.Linear(16, 50, bias=False), torch.randn(5, 16)
+
+    def both():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: autocast's own cache
+            return apply_head(head, h), apply_head(head, h), head(h)
+
+    a, b, plain = both()
+    assert torch.equal(a, plain) and torch.equal(b, plain)  # the second from the kept cast
+    with torch.no_grad():
+        head.weight.mul_(2.0)  # an optimizer step, in place
+    a, b, plain = both()
+    assert torch.equal(a, plain) and torch.equal(b, plain)
+    assert torch.equal(apply_head(head, h), head(h))  # without autocast: the plain call

@@ -58,7 +58,7 @@ class Choice(BaseProbe):
     cheap = True
 
     def score(self, model, tokenizer, ctx: ProbeContext):
-        from .likelihood import answer_examples, group_logprobs, pad_id
+        from .likelihood import group_logprobs, memo_answer_examples, pad_id
         from .texts import prompt_messages, read_rows
 
         o = self.options
@@ -69,8 +69,8 @@ class Choice(BaseProbe):
             choices, answer = parse_row(row, place)
             items.append((prompt_messages(row, place), choices, answer, place))
         flat = [(msgs, c, place) for msgs, choices, _, place in items for c in choices]
-        examples = answer_examples(tokenizer, [f[0] for f in flat], [f[1] for f in flat], o.template, o.max_length,
-                                   [f[2] for f in flat])
+        examples = memo_answer_examples(self, tokenizer, [f[0] for f in flat], [f[1] for f in flat], o.template,
+                                        o.max_length, [f[2] for f in flat])
         groups, at = [], 0
         for _, choices, _, _ in items:  # a question's choices share its prompt
             groups.append(examples[at:at + len(choices)])

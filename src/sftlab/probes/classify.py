@@ -93,13 +93,14 @@ class Classify(BaseProbe):
 
     def label_scores(self, model, tokenizer, ctx: ProbeContext, prompts, places, labels) -> list[list[float]]:
         """Per row, per label: log-likelihood of the label's verbalizer as the answer."""
-        from .likelihood import answer_examples, group_logprobs, pad_id
+        from .likelihood import group_logprobs, memo_answer_examples, pad_id
 
         o = self.options
         verbal = [o.verbalizers.get(lab, lab) for lab in labels]
         L = len(labels)
-        examples = answer_examples(tokenizer, [p for p in prompts for _ in range(L)], verbal * len(prompts),
-                                   o.template, o.max_length, [pl for pl in places for _ in range(L)])
+        examples = memo_answer_examples(self, tokenizer, [p for p in prompts for _ in range(L)],
+                                        verbal * len(prompts), o.template, o.max_length,
+                                        [pl for pl in places for _ in range(L)])
         groups = [examples[i * L:(i + 1) * L] for i in range(len(prompts))]  # a row's labels share its prompt
         res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
         return [[r[0] for r in row] for row in res]

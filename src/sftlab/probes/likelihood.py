@@ -7,6 +7,7 @@ so a probe costs what an eval step costs and works on plain HF and PEFT-wrapped 
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -16,7 +17,7 @@ from ..data.collate import pad_batch
 from ..data.formats import Record
 from ..data.tokenize import IGNORE, Example, fit_length, tokenize_record, use_chat_template
 from ..errors import DataError
-from ..objectives import forward_hidden, head_removed, to_device, unwrap
+from ..objectives import apply_head, forward_hidden, head_removed, to_device, unwrap
 
 
 @contextmanager
@@ -59,12 +60,17 @@ def group_logprobs(model, groups: list[list[Example]], pad: int, batch_size: int
                    chunk: int = 1024) -> list[list[tuple[float, int, int]]]:
     """example_logprobs for groups of examples that share a prompt (one row's labels or choices).
 
-    The shared token prefix is run once and its key/value cache reused for every continuation, so
-    scoring 8 labels of a 150-token prompt costs about one prompt, not eight. Results equal
-    example_logprobs' (tested); models that rewrite the cache themselves (prefix and prompt tuning)
-    take the plain path.
+    Each row's prompt is run once and its key/value cache reused for every continuation, and the tokens
+    every row begins with (a chat template's system turn, a fixed instruction) are run once for all rows:
+    scoring 8 labels of a 100-token prompt costs about the prompt's own tokens, not eight prompts. Prefix
+    and prompt tuning share too (their virtual tokens enter the cache in the first pass, the rest runs on
+    the base model with positions after them). Results equal example_logprobs' (tested).
     """
-    if not _cache_reusable(model) or not groups:
+    if not groups:
+        return []
+    C = _common_prefix(groups)
+    if not _cache_reusable(model) or min(_shared_prefix(g) for g in groups) < 1 or (_prompt_learning(model)
+                                                                                   and C < 1):
         flat = [e for g in groups for e in g]
         res, out, at = example_logprobs(model, flat, pad, batch_size, device, chunk), [], 0
         for g in groups:
@@ -73,21 +79,26 @@ def group_logprobs(model, groups: list[list[Example]], pad: int, batch_size: int
         return out
     order = length_batches(groups, batch_size, length=lambda g: len(g[0].input_ids))  # batch_size prompts
     out: list = [None] * len(groups)
-    with scoring(model):
+    with scoring(model), head_removed(model) as head:
+        common = _run_common(model, groups[0][0].input_ids[:C], device) if C else None
         for idx in order:
-            for i, r in zip(idx, _groups_batch(model, [groups[i] for i in idx], pad, device, chunk)):
+            for i, r in zip(idx, _groups_batch(model, [groups[i] for i in idx], pad, device, chunk, head, common)):
                 out[i] = r
     return out
 
 
+def _prompt_learning(model) -> bool:
+    cfg = getattr(getattr(model, "module", model), "peft_config", None)
+    return bool(cfg) and any(getattr(c, "is_prompt_learning", False) for c in cfg.values())
+
+
 def _cache_reusable(model) -> bool:
-    """A transformers model whose cache we may extend (prefix/prompt tuning write their own into it)."""
+    """A transformers model whose key/value cache we may extend, with SDPA attention (which takes the block
+    masks of _groups_batch as they are; other attention kernels take the plain path)."""
     from transformers import PreTrainedModel
 
-    cfg = getattr(model, "peft_config", None)
-    if cfg and any(getattr(c, "is_prompt_learning", False) for c in cfg.values()):
-        return False
-    return isinstance(unwrap(model), PreTrainedModel)
+    base = unwrap(model)
+    return isinstance(base, PreTrainedModel) and getattr(base.config, "_attn_implementation", "") == "sdpa"
 
 
 def _cache_arg(model) -> str:
@@ -104,44 +115,90 @@ def _shared_prefix(group: list[Example]) -> int:
     return n
 
 
-def _groups_batch(model, groups: list[list[Example]], pad: int, device, chunk: int) -> list[list]:
-    """Several groups at once: their shared prefixes right-padded into one batch and run once, the cache
-    repeated per continuation, the continuations in one batch (their positions continue each prefix)."""
+def _last_scored(e: Example) -> int:
+    """Index of the last token whose log-prob is scored (the input before it predicts it)."""
+    return max((i for i, x in enumerate(e.labels) if x != IGNORE), default=len(e.input_ids) - 1)
+
+
+def _common_prefix(groups: list[list[Example]]) -> int:
+    """Tokens every group's shared prefix begins with, leaving each group at least one of its own."""
     P = [_shared_prefix(g) for g in groups]
-    if min(P) < 1:
-        return [example_logprobs(model, g, pad, len(g), device, chunk) for g in groups]
+    first, n = groups[0][0].input_ids, min(P) - 1
+    for g in groups[1:]:
+        ids = g[0].input_ids
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    return max(n, 0)
+
+
+def _run_common(model, ids: list[int], device) -> tuple:
+    """The tokens every prompt starts with, run once (with prefix/prompt tuning's virtual tokens): their hidden
+    states (C, H) and key/value cache (batch 1)."""
+    x = torch.tensor([ids], device=device)
+    out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+    return out.logits[0, -len(ids):], getattr(out, _cache_arg(model))
+
+
+def _repeat_cache(cache, idx) -> None:
+    for layer in cache.layers:  # rows picked (and repeated) along the batch dimension
+        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+
+
+def _groups_batch(model, groups: list[list[Example]], pad: int, device, chunk: int, head,
+                  common: tuple | None) -> list[list]:
+    """Several groups at once, one row each: the rest of the group's shared prefix (after the common tokens,
+    cached in `common`), then every continuation of the group side by side, each attending to the prefix
+    and to itself only (a block mask; positions of each continuation continue the prefix). Equal to
+    scoring every (prompt, answer) sequence on its own, at the cost of one prompt plus its answers."""
+    C = 0 if common is None else common[0].shape[0]
+    P = [_shared_prefix(g) for g in groups]
     flat = [e for g in groups for e in g]
     owner = [i for i, g in enumerate(groups) for _ in g]  # group of each continuation
-    Pmax, name = max(P), _cache_arg(model)  # transformers renamed past_key_values to cache (5.2x)
-    pre_ids = torch.full((len(groups), Pmax), pad, dtype=torch.long)
-    pre_mask = torch.zeros((len(groups), Pmax), dtype=torch.long)
+    name = _cache_arg(model)  # transformers renamed past_key_values to cache (5.2x)
+    # Prefix and prompt tuning add their virtual tokens in the common pass; this pass extends that cache on
+    # the model underneath, with positions after the virtual tokens (where the plain forward puts them).
+    inner = unwrap(model) if _prompt_learning(model) else model
+    cache = None if common is None else copy.deepcopy(common[1])  # the common cache serves every batch
+    K = 0 if cache is None else cache.get_seq_length()  # cached positions before each row
+    # Inputs after the last scored token are not needed (its prediction comes from the token before it): an
+    # answer "B<|im_end|>\n" adds one token per label, not three.
+    end = [min(len(e.input_ids), max(P[o] + 1, _last_scored(e))) for e, o in zip(flat, owner)]
+    S = max(P[i] - C + sum(end[k] - P[i] for k in range(len(flat)) if owner[k] == i) for i in range(len(groups)))
+    G = len(groups)
+    ids = torch.full((G, S), pad, dtype=torch.long)
+    pos = torch.zeros((G, S), dtype=torch.long)
+    allowed = torch.zeros((G, S, S), dtype=torch.bool)
+    start = [0] * len(flat)  # where each continuation sits in its group's row
+    ks = iter(range(len(flat)))
     for i, g in enumerate(groups):
-        pre_ids[i, :P[i]] = torch.tensor(g[0].input_ids[:P[i]])
-        pre_mask[i, :P[i]] = 1
-    T = max(len(e.input_ids) - P[o] for e, o in zip(flat, owner))
-    cont_ids = torch.full((len(flat), T), pad, dtype=torch.long)
-    cont_mask = torch.zeros((len(flat), T), dtype=torch.long)
-    for k, (e, o) in enumerate(zip(flat, owner)):
-        cont_ids[k, :len(e.input_ids) - P[o]] = torch.tensor(e.input_ids[P[o]:])
-        cont_mask[k, :len(e.input_ids) - P[o]] = 1
-    idx = torch.tensor(owner)
-    pre_ids, pre_mask, cont_ids, cont_mask, idx = to_device(
-        {"a": pre_ids, "b": pre_mask, "c": cont_ids, "d": cont_mask, "e": idx}, device).values()
-    with head_removed(model) as head:
-        pre = model(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True)
-        cache = getattr(pre, name)
-        for layer in cache.layers:  # each prompt's keys and values, once per continuation of it
-            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        pos = torch.tensor([P[o] for o in owner], device=cont_ids.device)[:, None] + torch.arange(
-            T, device=cont_ids.device)  # (N, T): positions continue each prompt (its padding is masked)
-        cont = model(input_ids=cont_ids, attention_mask=torch.cat([pre_mask[idx], cont_mask], 1), position_ids=pos,
-                     use_cache=True, **{name: cache}).logits  # (N, T, H)
+        r = P[i] - C
+        ids[i, :r] = torch.tensor(g[0].input_ids[C:P[i]])
+        pos[i, :r] = K + torch.arange(r)
+        allowed[i, :r, :r] = torch.ones(r, r, dtype=torch.bool).tril()
+        at = r
+        for e in g:
+            k = next(ks)
+            t = end[k] - P[i]
+            ids[i, at:at + t] = torch.tensor(e.input_ids[P[i]:end[k]])
+            pos[i, at:at + t] = K + r + torch.arange(t)
+            allowed[i, at:at + t, :r] = True
+            allowed[i, at:at + t, at:at + t] = torch.ones(t, t, dtype=torch.bool).tril()
+            start[k] = at
+            at += t
+        allowed[i, torch.arange(at, S), torch.arange(at, S)] = True  # padding sees itself: no empty softmax
+    mask = torch.cat([torch.ones((G, S, K), dtype=torch.bool), allowed], -1)[:, None]  # (G, 1, S, K + S)
+    ids, pos, mask = to_device({"a": ids, "b": pos, "c": mask}, device).values()
+    kw = {}
+    if cache is not None:
+        _repeat_cache(cache, torch.zeros(G, dtype=torch.long, device=ids.device))
+        kw = {name: cache}
+    h = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=cache is not None, **kw).logits
     batch = to_device(pad_batch(flat, pad), device)  # targets of the whole sequences, (N, L)
-    hidden = cont.new_zeros((len(flat), batch["targets"].shape[1], cont.shape[-1]))  # (N, L, H)
+    hidden = h.new_zeros((len(flat), batch["targets"].shape[1], h.shape[-1]))  # (N, L, H)
     for k, o in enumerate(owner):
-        n = len(flat[k].input_ids)
-        hidden[k, :P[o]] = pre.logits[o, :P[o]]
-        hidden[k, P[o]:n] = cont[k, :n - P[o]]
+        if C:
+            hidden[k, :C] = common[0]
+        hidden[k, C:P[o]] = h[o, :P[o] - C]
+        hidden[k, P[o]:end[k]] = h[o, start[k]:start[k] + end[k] - P[o]]
     res, out, at = _span_logprobs(hidden, batch["targets"], head, chunk), [], 0
     for g in groups:
         out.append(res[at:at + len(g)])
@@ -157,7 +214,7 @@ def _span_logprobs(hidden, targets, head, chunk: int) -> list[tuple[float, int, 
     lp_sum = torch.zeros(hidden.shape[0], dtype=torch.float64, device=h.device)
     ok = torch.zeros(hidden.shape[0], dtype=torch.long, device=h.device)
     for s in range(0, y.numel(), chunk):
-        logits = head(h[s:s + chunk]).float()  # (n, V)
+        logits = apply_head(head, h[s:s + chunk]).float()  # (n, V)
         lp = logits.log_softmax(-1).gather(-1, y[s:s + chunk, None])[:, 0]
         lp_sum.index_add_(0, rows[s:s + chunk], lp.double())
         ok.index_add_(0, rows[s:s + chunk], (logits.argmax(-1) == y[s:s + chunk]).long())
@@ -169,6 +226,20 @@ def data_section(template: str, max_length: int, assistant_turns: str = "last") 
     """The data options tokenization needs: completion-only labels (by default on the last assistant turn)."""
     return DataSection(template=template, max_length=max_length, assistant_turns=assistant_turns,
                        train_on_prompt=False)
+
+
+def memo_answer_examples(owner, tokenizer, prompts: list[list[dict]], answers: list[str], template: str,
+                         max_length: int, sources: list[str]) -> list[Example]:
+    """answer_examples, remembered on `owner` (a probe) for the same tokenizer and inputs: a run scores the
+    same rows at every checkpoint, and tokenizing them again is a tenth of a small probe's cost."""
+    import json
+
+    key = (id(tokenizer), len(tokenizer), template, max_length, json.dumps([prompts, answers, sources]))
+    memo = owner.__dict__.setdefault("_answer_examples", {})
+    if key not in memo:
+        memo.clear()  # one entry: the rows of the latest call
+        memo[key] = answer_examples(tokenizer, prompts, answers, template, max_length, sources)
+    return memo[key]
 
 
 def answer_examples(tokenizer, prompts: list[list[dict]], answers: list[str], template: str, max_length: int,
