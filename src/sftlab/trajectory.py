@@ -262,7 +262,13 @@ def knee(points: list[Point]) -> Choice:
         cross = (b[0] - a[0]) * (y - a[1]) - (b[1] - a[1]) * (x - a[0])
         return -cross / length if length > 0 else 0.0
 
-    p = _earliest_best(front, lambda q: (round(bulge(q), 12), sum(scale(q))))  # type: ignore[arg-type]
+    # Ties (every point on the chord, as on a two-point frontier): the point nearer the ideal corner, then the
+    # better task score - the base is the answer only when training never got past it.
+    p = _earliest_best(front, lambda q: (round(bulge(q), 12), round(sum(scale(q)), 12), q.task))  # type: ignore
+    if bulge(p) <= 1e-12:
+        return Choice(p, f"{p.label} ({_coords(p)}): the {len(front)} Pareto-optimal points all lie on the line "
+                         "joining the best-task and best-retention ends, so there is no knee; this is the point "
+                         "nearest the ideal corner after min-max scaling (ties: the better task score).")
     return Choice(p, f"{p.label} ({_coords(p)}) is the knee: of the {len(front)} Pareto-optimal points it lies "
                      f"farthest from the line joining the best-task and best-retention ends "
                      f"(distance {bulge(p):.3f} after min-max scaling over {len(points)} points).")

@@ -141,6 +141,18 @@ def test_knee_is_the_bulge_of_the_front():
     assert "task 0.8" in choice.reason and "distance 0." in choice.reason
 
 
+def test_knee_of_a_two_point_front_is_not_the_base_by_default():
+    """Two Pareto-optimal points lie on their own chord: no knee. The base wins only when it is nearer the
+    ideal corner after scaling; on a tie the better task score (the trained point) does."""
+    tie = [P(0, 0.10, -1.00), P(20, 0.90, -1.80)]  # scaled: base (0, 1), step 20 (1, 0)
+    choice = rewind(tie, "knee")
+    assert choice.point.step == 20 and "no knee" in choice.reason
+    near = [P(0, 0.10, -1.00), P(20, 0.90, -1.80), P(30, 0.2, -1.9)]  # base scaled (0, 1), step 20 (1, 0.11)
+    assert rewind(near, "knee").point.step == 20
+    far = [P(0, 0.10, -1.00), P(20, 0.30, -1.80), P(30, 0.05, -1.9)]  # step 20 scaled (1, 0.11), base (0.2, 1)
+    assert rewind(far, "knee").point.step == 0
+
+
 def test_max_task_with_retention_loss():
     choice = rewind(HAND, "max_task_with_retention_loss", max_loss=0.2)
     assert choice.point.step == 20
