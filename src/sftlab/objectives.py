@@ -6,6 +6,7 @@ fraction of its tokens, and the (tokens x vocab) logits are the largest activati
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -37,7 +38,7 @@ def head_removed(model):
         base.set_output_embeddings(head)
 
 
-_HEAD_CAST: list = [None]  # (key, weight in the autocast dtype): the latest output layer cast, one at a time
+_HEAD_CAST: list = [None]  # (weak ref, key, weight in the autocast dtype): the latest output layer's cast
 
 
 def apply_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -50,11 +51,50 @@ def apply_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
     dt, w = torch.get_autocast_dtype(dev), head.weight
     if w.dtype == dt:
         return head(h)
-    key = (id(w), w.data_ptr(), w._version, dt)
-    if _HEAD_CAST[0] is None or _HEAD_CAST[0][0] != key:
+    key = (w.data_ptr(), w._version, dt)
+    hit = _HEAD_CAST[0]
+    if hit is None or hit[0]() is not w or hit[1] != key:  # the same tensor (a weak reference: ids are reused)
         _HEAD_CAST[0] = None  # free the old copy first
-        _HEAD_CAST[0] = (key, w.detach().to(dt))
-    return F.linear(h.to(dt), _HEAD_CAST[0][1], None if head.bias is None else head.bias.to(dt))
+        _HEAD_CAST[0] = hit = (weakref.ref(w), key, w.detach().to(dt))
+    return F.linear(h.to(dt), hit[2], None if head.bias is None else head.bias.to(dt))
+
+
+_FROZEN_CASTS: dict = {}  # id(weight) -> (weak ref, key, cast): frozen weights, cast once per run
+
+
+@contextmanager
+def cast_linear_weights(model, dtype: torch.dtype | None):
+    """For scoring under autocast (no gradients): every plain nn.Linear's fp32 weight replaced, for the
+    duration, by its copy in `dtype` - the very tensor autocast would make, made once per call of this
+    context (frozen weights: once per run) instead of once per forward pass. A checkpoint's probes run a
+    few forward passes, generation one per new token; the numbers are unchanged (tested)."""
+    if dtype is None:
+        yield
+        return
+    swapped = []
+    live = set()
+    try:
+        for mod in model.modules():
+            w = mod._parameters.get("weight") if type(mod) is nn.Linear else None
+            if w is None or w.dtype != torch.float32 or type(w) is not nn.Parameter:
+                continue  # quantized, sharded (DTensor) or already low-precision weights stay as they are
+            key = (w.data_ptr(), w._version, dtype)
+            hit = _FROZEN_CASTS.get(id(w)) if not w.requires_grad else None
+            if hit is not None and hit[0]() is w and hit[1] == key:  # the same tensor, unchanged
+                cast = hit[2]
+            else:
+                cast = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+                if not w.requires_grad:
+                    _FROZEN_CASTS[id(w)] = (weakref.ref(w), key, cast)
+            live.add(id(w))
+            mod._parameters["weight"] = cast
+            swapped.append((mod, w))
+        for k in [k for k in _FROZEN_CASTS if k not in live]:  # another model's: drop
+            del _FROZEN_CASTS[k]
+        yield
+    finally:
+        for mod, w in swapped:
+            mod._parameters["weight"] = w
 
 
 def forward_hidden(model, batch: dict):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .objectives import cast_linear_weights
 from .probes import ProbeContext, build_probe
 
 
@@ -37,7 +38,9 @@ def score_model(model, tokenizer, probes, ctx: ProbeContext) -> dict:
     out = {}
     device = torch.device(ctx.resolve_device(model))
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.precision == "bf16"):
+        bf16 = ctx.precision == "bf16"
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
+                cast_linear_weights(model, torch.bfloat16 if bf16 else None):
             for probe in probes:
                 t0 = time.time()
                 s = probe.score(model, tokenizer, ctx).to_dict()

@@ -508,3 +508,33 @@ def test_apply_head_reuses_the_cast_until_the_weight_changes():
     a, b, plain = both()
     assert torch.equal(a, plain) and torch.equal(b, plain)
     assert torch.equal(apply_head(head, h), head(h))  # without autocast: the plain call
+
+
+@pytest.mark.parametrize("wrap", ["none", "lora", "oft", "prefix"])
+def test_scoring_with_cast_weights_gives_the_same_scores(wrap, tiny, tokenizer, tmp_path, ctx, monkeypatch):
+    """score_model under bf16 swaps each Linear's weight for its bf16 copy (made once, not per forward pass):
+    the scores equal those of plain autocast, and every weight is the fp32 original again afterwards."""
+    from peft import LoraConfig, OFTConfig, PrefixTuningConfig, get_peft_model
+
+    import sftlab.scoring as scoring_mod
+    from sftlab.objectives import cast_linear_weights
+
+    model = copy.deepcopy(tiny)
+    if wrap == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    elif wrap == "oft":
+        model = get_peft_model(model, OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj", "v_proj"],
+                                                init_weights=False))
+    elif wrap == "prefix":
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    chats = write_jsonl(tmp_path / "c.jsonl", memorisable_chats(8))
+    probes = [build_probe("classify", {"path": str(chats)}), build_probe("heldout_loss", {"path": str(chats)}),
+              kl_probe(text_file(tmp_path / "t.jsonl"))]
+    bf16 = dataclasses.replace(ctx, base_model=tiny, precision="bf16")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fast = scoring_mod.score_model(model, tokenizer, probes, bf16)
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    monkeypatch.setattr(scoring_mod, "cast_linear_weights", lambda m, d: cast_linear_weights(m, None))
+    plain = scoring_mod.score_model(model, tokenizer, probes, bf16)
+    for name in plain:
+        assert fast[name]["value"] == pytest.approx(plain[name]["value"], rel=1e-6, abs=1e-9), name

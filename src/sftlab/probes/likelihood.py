@@ -234,12 +234,15 @@ def memo_answer_examples(owner, tokenizer, prompts: list[list[dict]], answers: l
     same rows at every checkpoint, and tokenizing them again is a tenth of a small probe's cost."""
     import json
 
-    key = (id(tokenizer), len(tokenizer), template, max_length, json.dumps([prompts, answers, sources]))
-    memo = owner.__dict__.setdefault("_answer_examples", {})
-    if key not in memo:
-        memo.clear()  # one entry: the rows of the latest call
-        memo[key] = answer_examples(tokenizer, prompts, answers, template, max_length, sources)
-    return memo[key]
+    import weakref
+
+    key = (len(tokenizer), template, max_length, json.dumps([prompts, answers, sources]))
+    hit = owner.__dict__.get("_answer_examples")  # one entry: the rows of the latest call
+    if hit is None or hit[0]() is not tokenizer or hit[1] != key:  # the same tokenizer object, same inputs
+        hit = (weakref.ref(tokenizer), key, answer_examples(tokenizer, prompts, answers, template, max_length,
+                                                            sources))
+        owner.__dict__["_answer_examples"] = hit
+    return hit[2]
 
 
 def answer_examples(tokenizer, prompts: list[list[dict]], answers: list[str], template: str, max_length: int,
