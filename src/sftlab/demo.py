@@ -1,8 +1,9 @@
 """`sftlab demo`: an arena on the embedded SmolLM2-135M-Instruct - which method learns the task, and what
 does each forget on the way?
 
-Task ("wiki topics", sftlab.assets): name the topic of a Wikipedia article's opening in one word out of
-eight. Task score: label-scoring accuracy on held-out articles (the majority-class baseline is 12.5%).
+Task ("wiki desks", sftlab.assets): route a Wikipedia article's opening to one of eight desks by its code
+letter, a scheme the prompt does not give (the base model is at chance; only fine-tuning can teach it).
+Task score: label-scoring accuracy on held-out articles (the majority-class baseline is about 12.5%).
 Retention: KL divergence from the base model on general English (Wikipedia lead sections the task never
 uses), per token. Methods: full fine-tuning (the reference) and LoRA, OFT, prefix tuning and prompt
 tuning at a matched trainable-parameter budget, each at the learning rate a recorded sweep chose
@@ -29,17 +30,20 @@ class DemoPlan:
     n_task: int  # held-out articles scored at every checkpoint
     n_general: int  # general-English passages for the KL to the base
     n_generate: int  # articles answered by greedy generation (base and final checkpoints, kept for reading)
+    kl_length: int = 64  # tokens per general-English passage
 
 
-FULL = DemoPlan(("full", "lora", "oft", "prefix", "prompt"), steps=40, batch_size=8, checkpoint_every=4,
-                n_task=32, n_general=8, n_generate=8)
-QUICK = DemoPlan(("lora", "oft"), steps=16, batch_size=8, checkpoint_every=4, n_task=32, n_general=8,
+# Ten scored checkpoints per trial (every `checkpoint_every` of `steps`): the trajectory the leaderboard and
+# the report are about. The probes are sized so that scoring stays a small part of a trial (BENCHMARKS.md).
+FULL = DemoPlan(("full", "lora", "oft", "prefix", "prompt"), steps=60, batch_size=8, checkpoint_every=6,
+                n_task=24, n_general=4, n_generate=8)
+QUICK = DemoPlan(("lora", "oft"), steps=24, batch_size=8, checkpoint_every=6, n_task=24, n_general=4,
                  n_generate=4)
 BUDGET = "50k"  # trainable parameters: prompt tuning reaches it with 87 virtual tokens, prefix with 4
 # Learning rates chosen by the sweep recorded in DEVELOPERS.md (largest hypervolume per method), which
 # `sftlab demo --sweep` reruns: the same arena with SWEEP_LRS.
-LRS = {"full": 3e-5, "lora": 3e-3, "oft": 1e-2, "prefix": 3e-2, "prompt": 3e-2}
-SWEEP_LRS = {"full": [3e-5], "lora": [1e-3, 3e-3], "oft": [3e-3, 1e-2], "prefix": [1e-2, 3e-2],
+LRS = {"full": 1e-4, "lora": 3e-3, "oft": 1e-2, "prefix": 1e-1, "prompt": 3e-2}
+SWEEP_LRS = {"full": [3e-5, 1e-4], "lora": [3e-3, 1e-2], "oft": [1e-2, 3e-2], "prefix": [3e-2, 1e-1],
              "prompt": [3e-2, 1e-1]}
 
 
@@ -53,13 +57,17 @@ def demo_arena(data: DemoData, plan: DemoPlan, output_dir: str, name: str, sweep
         "model": {"path": "smollm2"},
         "data": {"train": [{"path": str(data.train)}], "max_length": 192},
         "train": {"steps": plan.steps, "batch_size": plan.batch_size, "schedule": "linear", "warmup": 0.1,
-                  "precision": "bf16"},  # autocast: ~4x faster than fp32 on CPUs with AMX, and on GPUs
-        "checkpoint": {"every": plan.checkpoint_every},
+                  "precision": "bf16",  # autocast: ~4x faster than fp32 on CPUs with AMX, and on GPUs
+                  "fused_optimizer": True},  # full fine-tuning's AdamW step: 0.2 s instead of 0.8 s on 2 cores
+        # The resume state (weights + optimizer: 1.6 GB for full fine-tuning) half-way and at the end, not at
+        # each of the ten checkpoints: writing it cost full fine-tuning ~4 s a checkpoint.
+        "checkpoint": {"every": plan.checkpoint_every, "resume_every": plan.steps // 2},
+        "scoring": {"batch_size": plan.n_task},  # one batch per probe: fewer, larger forward passes
         "logging": {"progress": True, "tensorboard": False},
         "probes": [
             {"name": "classify", "path": str(data.eval), "limit": plan.n_task, "labels": list(data.labels)},
-            {"name": "kl_to_base", "n": plan.n_general, "max_length": 128},
-            {"name": "generate", "path": str(data.eval), "limit": plan.n_generate, "max_new_tokens": 6,
+            {"name": "kl_to_base", "n": plan.n_general, "max_length": plan.kl_length},
+            {"name": "generate", "path": str(data.eval), "limit": plan.n_generate, "max_new_tokens": 3,
              "labels": list(data.labels), "samples": plan.n_generate},
         ],
     }
@@ -84,7 +92,8 @@ def run_demo(quick: bool = False, output_dir: str = "runs", plan: DemoPlan | Non
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "arena.yaml").write_text(f"# rerun (resumes, skips finished trials): sftlab arena {folder}/arena.yaml\n"
                                        + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    print(f"\nTask: name the topic of a Wikipedia article's opening in one word ({', '.join(data.labels)}).\n"
+    print(f"\nTask: route a Wikipedia article's opening to a desk by its code letter ({', '.join(data.labels)}; "
+          "the prompt does not say which is which).\n"
           f"Methods: {', '.join(plan.methods)} at ~{BUDGET} trainable parameters (full: all of them), "
           f"{plan.steps} steps of {plan.batch_size} examples, scored every {plan.checkpoint_every} steps.",
           flush=True)

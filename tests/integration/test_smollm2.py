@@ -118,3 +118,19 @@ def test_demo_end_to_end_in_miniature(tmp_path, capsys):
         assert scored == [0, 1, 2]
         assert any("generate" in e.get("scores", {}) and e["step"] == 2 for e in entries)  # final answers kept
     assert "HV" in out and "report:" in out and "Task accuracy" in out
+
+
+def test_demo_task_needs_fine_tuning(tokenizer):
+    """The demo's answers are single-token desk codes that the prompt never explains: the base cannot read the
+    scheme off the question (that let it score 31% on the first design), and each label costs one token."""
+    from sftlab.assets import CODES, ensure_demo_data
+
+    data = ensure_demo_data()
+    rows = [json.loads(x) for x in data.eval.read_text().splitlines()]
+    assert sorted(data.labels) == sorted(CODES.values()) and len(rows) == 96
+    for code in data.labels:
+        assert len(tokenizer(code, add_special_tokens=False)["input_ids"]) == 1
+    for r in rows:
+        prompt = r["messages"][0]["content"]
+        assert r["messages"][-1]["content"] in data.labels
+        assert not any(topic in prompt.split("\n\n")[0].lower() for topic in CODES)  # the question names none
