@@ -37,7 +37,7 @@ class DemoPlan:
 # the report are about. The probes are sized so that scoring stays a small part of a trial (BENCHMARKS.md).
 FULL = DemoPlan(("full", "lora", "oft", "prefix", "prompt"), steps=60, batch_size=8, checkpoint_every=6,
                 n_task=24, n_general=4, n_generate=8)
-QUICK = DemoPlan(("lora", "oft"), steps=24, batch_size=8, checkpoint_every=6, n_task=24, n_general=4,
+QUICK = DemoPlan(("lora", "oft"), steps=36, batch_size=8, checkpoint_every=6, n_task=24, n_general=4,
                  n_generate=4)
 BUDGET = "50k"  # trainable parameters: prompt tuning reaches it with 87 virtual tokens, prefix with 4
 # Learning rates chosen by the sweep recorded in DEVELOPERS.md (largest hypervolume per method), which
