@@ -7,8 +7,8 @@
 Per run, from its own records (nothing is re-measured):
 - training s: the sum of `step_time` in metrics.jsonl (forward, backward, optimizer; not checkpoint writes);
 - wall s: the run's elapsed time at its last step minus the scorings inside it (checkpoint writes included);
-- scoring s: the probes' own seconds (`seconds` of each score in trajectory.jsonl) at the checkpoints after
-  step 0 (the step-0 scores are the base's, shared through the cache by every trial that starts there);
+- scoring s: the probes' own seconds (`seconds` of each score in trajectory.jsonl, written during training:
+  lines after the run's end, such as `sftlab eval --generation`, are left out) at the checkpoints after step 0 (the step-0 scores are the base's, shared through the cache by every trial that starts there);
 - the ratios scoring / training and scoring / wall.
 """
 
@@ -26,6 +26,8 @@ def lines(path: Path) -> list[dict]:
 def cost(run: Path) -> dict:
     metrics = [m for m in lines(run / "metrics.jsonl") if "step_time" in m]
     traj = lines(run / "trajectory.jsonl")
+    ends = [i for i, e in enumerate(traj) if "scoring_seconds" in e]  # written when training ended
+    traj = traj[:ends[0] + 1] if ends else traj  # later lines are offline scorings (e.g. the demo's generation)
     per_step: dict[int, float] = {}
     final = {}
     for e in traj:
