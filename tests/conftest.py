@@ -76,5 +76,5 @@ def tiny_config(tmp_path: Path, model_dir: Path, data_path: Path, method: dict |
         "logging": {"progress": False, "tensorboard": False},
     }
     for key, val in sections.items():
-        d[key] = {**d.get(key, {}), **val}
+        d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val  # lists (probes) replace
     return config_from_dict(d)

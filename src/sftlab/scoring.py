@@ -60,11 +60,16 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def append_scores(run_dir: Path, step: int, scores: dict, extra: dict | None = None) -> None:
-    line = {"step": step, "scores": scores, **(extra or {})}
-    with open(Path(run_dir) / "trajectory.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One scores line in trajectory.jsonl, durably; a full disk gives one clear line and leaves no torn line
+    that could swallow the next checkpoint's entry."""
+    from .train.checkpoint import append_jsonl, write_error
+
+    run_dir = Path(run_dir)
+    try:
+        append_jsonl(run_dir / "trajectory.jsonl", {"step": step, "scores": scores, **(extra or {})})
+    except OSError as e:
+        raise write_error(run_dir, f"the scores of step {step} to trajectory.jsonl", e, run_dir,
+                          then=f"sftlab train {run_dir / 'config.yaml'} --resume, or sftlab eval {run_dir}") from e
 
 
 def context_for(cfg, base_ref, device=None) -> ProbeContext:

@@ -8,6 +8,7 @@ tmpfs (root in a privileged container), a real full disk is tried too.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 
@@ -177,3 +178,41 @@ def test_really_full_disk(tmp_path, tiny_model_dir, small_disk):
     assert "No space left on device" in str(e.value)
     assert not (cfg.run_dir / "trajectory.jsonl").exists()
     assert list((cfg.run_dir / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["metrics", "scores"])
+def test_disk_full_writing_metrics_or_scores(tmp_path, tiny_model_dir, monkeypatch, where):
+    """metrics.jsonl and the scores lines of trajectory.jsonl: a full disk stops the run with one clear line
+    (not a raw OSError), nothing torn is left, and --resume goes on once there is space."""
+    import sftlab.train.checkpoint as ck
+
+    data = write_jsonl(tmp_path / "chats.jsonl", memorisable_chats(12))
+    probes = [{"name": "heldout_loss", "path": str(data), "limit": 4}] if where == "scores" else []
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, run={"name": "run", "output_dir": str(tmp_path / "runs")},
+                      train={"steps": 6, "batch_size": 4, "threads": 1}, checkpoint={"every": 2}, probes=probes)
+    target = "metrics.jsonl" if where == "metrics" else "trajectory.jsonl"
+    real = ck.append_jsonl
+
+    def full(path, row, durable=True):
+        if path.name == target and (row.get("step") == 3 if where == "metrics" else
+                                    row.get("step") == 4 and "scores" in row):
+            with open(path, "ab") as f:
+                f.write(b'{"step": 3, "lo')  # what a full disk leaves: part of a line
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, row, durable)
+
+    monkeypatch.setattr(ck, "append_jsonl", full)
+    with pytest.raises(SftlabError) as e:
+        Trainer(cfg).run()
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "MiB free there" in msg
+    assert (target if where == "metrics" else "scores of step 4") in msg and "--resume" in msg
+    assert not (cfg.run_dir / ".lock").exists()
+    monkeypatch.undo()
+    Trainer(cfg, resume=True).run()
+    entries = read_trajectory(cfg.run_dir)
+    assert [e["step"] for e in entries if "path" in e] == [2, 4, 6]
+    if where == "scores":  # the step whose scores failed is scored again on resume: every step has them
+        assert [e["step"] for e in entries if "heldout_loss" in e.get("scores", {})] == [0, 2, 4, 6]
+    for line in (cfg.run_dir / target).read_text().splitlines():  # resume dropped the torn line
+        json.loads(line)

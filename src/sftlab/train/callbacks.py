@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Protocol
@@ -30,8 +29,12 @@ class JsonlLogger(Base):
         self.every = every
 
     def _write(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        from .checkpoint import append_jsonl, write_error
+
+        try:
+            append_jsonl(self.path, row, durable=False)  # a full disk: one clear line, no torn line left
+        except OSError as e:
+            raise write_error(self.path.parent, "metrics.jsonl", e, self.path.parent) from e
 
     def on_step_end(self, step, metrics):
         if step % self.every == 0 or step == 1:

@@ -143,8 +143,9 @@ def _test_pause(tmp: Path) -> None:
         time.sleep(seconds)
 
 
-def write_error(folder: Path, what: str, e: BaseException, run_dir: Path) -> SftlabError:
-    """One line: where, why (disk full, permission, ...), free space, and how to go on."""
+def write_error(folder: Path, what: str, e: BaseException, run_dir: Path, then: str = "") -> SftlabError:
+    """One line: where, why (disk full, permission, ...), free space, and how to go on (`then`: the command to
+    continue with; default: resume the run)."""
     text = str(e).strip()
     reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
     try:
@@ -153,12 +154,12 @@ def write_error(folder: Path, what: str, e: BaseException, run_dir: Path) -> Sft
         free = "free space unknown"
     return SftlabError(f"{folder}: cannot write {what} ({reason}; {free} there); nothing partial was kept. Free "
                        "disk space or make the folder writable (or move run.output_dir), then continue with: "
-                       f"sftlab train {run_dir / 'config.yaml'} --resume")
+                       + (then or f"sftlab train {run_dir / 'config.yaml'} --resume"))
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one line durably. A torn last line (a crash or a full disk mid-write) is closed first, so it
-    stays one bad line that readers skip instead of swallowing this one; a failed append is rolled back."""
+def append_jsonl(path: Path, row: dict, durable: bool = True) -> None:
+    """Append one line (durably: fsync'ed). A torn last line (a crash or a full disk mid-write) is closed first,
+    so it stays one bad line that readers skip instead of swallowing this one; a failed append is rolled back."""
     with open(path, "a+b") as f:
         size = f.seek(0, os.SEEK_END)
         prefix = b""
@@ -168,7 +169,8 @@ def append_jsonl(path: Path, row: dict) -> None:
         try:
             f.write(prefix + (json.dumps(row) + "\n").encode("utf-8"))
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         except OSError:
             f.truncate(size)
             raise
