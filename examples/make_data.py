@@ -17,7 +17,7 @@ OUT = Path(__file__).resolve().parent / "data"
 
 
 def main() -> None:
-    train, evals = build_topic_splits(n_train_per_label=40, n_eval_per_label=8, seed=0)
+    train, evals = build_topic_splits(n_train_per_label=40, n_eval_per_label=8, seed=0, task="topics")
     for name, rows in (("wiki_topics_train.jsonl", train), ("wiki_topics_eval.jsonl", evals),
                        ("chitchat.jsonl", retention_examples(96))):
         write_jsonl(OUT / name, rows)

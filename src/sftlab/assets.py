@@ -48,6 +48,12 @@ CODES = {"arts": "A", "biology": "B", "geography": "G", "history": "H", "mathema
          "science": "S", "technology": "T"}
 LABELS = [CODES[t] for t in sorted(TOPICS.values())]
 QUESTION = "Which desk code does this article go to? Answer with the code only."
+# The first task ("wiki topics", version 1): the topic word as the answer, the eight words listed in the
+# question. The example data in examples/data and the configs built on it keep it (their measured numbers
+# in the README are on it); the base model reaches 31% on it by reading the list.
+TOPIC_WORDS = sorted(TOPICS.values())
+TOPIC_QUESTION = ("Which topic is this Wikipedia article about? Answer with one word from: "
+                  + ", ".join(TOPIC_WORDS) + ".")
 TASK_VERSION = 3  # bump when the construction below changes: the cache folder name includes it
 
 
@@ -101,9 +107,12 @@ def opening(extract: str, limit: int = 160) -> str:
     return cut[: end + 1] if end >= 60 else cut.rsplit(" ", 1)[0] + " ..."
 
 
-def topic_example(extract: str, topic: str) -> dict:
-    """One chat record: the question and the article's opening as the user turn, the topic's desk code as
-    the answer."""
+def topic_example(extract: str, topic: str, task: str = "desks") -> dict:
+    """One chat record: the question and the article's opening as the user turn; the answer is the topic's desk
+    code (task "desks", the demo), or the topic word itself (task "topics", the example data)."""
+    if task == "topics":
+        return {"messages": [{"role": "user", "content": f"{TOPIC_QUESTION}\n\n{opening(extract, 240)}"},
+                             {"role": "assistant", "content": topic}]}
     return {"messages": [{"role": "user", "content": f"{QUESTION}\n\n{opening(extract)}"},
                          {"role": "assistant", "content": CODES[topic]}]}
 
@@ -123,8 +132,9 @@ def topic_items(seed: int = 0) -> dict[str, list[dict]]:
     return by_label
 
 
-def build_topic_splits(n_train_per_label: int, n_eval_per_label: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Class-balanced train and eval records (disjoint articles), interleaved by label."""
+def build_topic_splits(n_train_per_label: int, n_eval_per_label: int, seed: int = 0,
+                       task: str = "desks") -> tuple[list[dict], list[dict]]:
+    """Class-balanced train and eval records (disjoint articles), interleaved by label (`task`: topic_example)."""
     by_label = topic_items(seed)
     train, evals = [], []
     for lab in sorted(TOPICS.values()):
@@ -132,8 +142,8 @@ def build_topic_splits(n_train_per_label: int, n_eval_per_label: int, seed: int 
         need = n_train_per_label + n_eval_per_label
         if len(items) < need:
             raise SftlabError(f"wiki topics: only {len(items)} articles for {lab!r}, need {need}")
-        evals += [topic_example(x["extract"], lab) for x in items[:n_eval_per_label]]
-        train += [topic_example(x["extract"], lab) for x in items[n_eval_per_label:need]]
+        evals += [topic_example(x["extract"], lab, task) for x in items[:n_eval_per_label]]
+        train += [topic_example(x["extract"], lab, task) for x in items[n_eval_per_label:need]]
     rng = random.Random(seed + 1)
     rng.shuffle(train)
     rng.shuffle(evals)
