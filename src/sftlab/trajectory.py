@@ -266,9 +266,10 @@ def knee(points: list[Point]) -> Choice:
     # better task score - the base is the answer only when training never got past it.
     p = _earliest_best(front, lambda q: (round(bulge(q), 12), round(sum(scale(q)), 12), q.task))  # type: ignore
     if bulge(p) <= 1e-12:
-        return Choice(p, f"{p.label} ({_coords(p)}): the {len(front)} Pareto-optimal points all lie on the line "
-                         "joining the best-task and best-retention ends, so there is no knee; this is the point "
-                         "nearest the ideal corner after min-max scaling (ties: the better task score).")
+        return Choice(p, f"{p.label} ({_coords(p)}): none of the {len(front)} Pareto-optimal points lies beyond "
+                         "the line joining the best-task and best-retention ends (towards the ideal corner), so "
+                         "there is no knee; this is the point nearest the ideal corner after min-max scaling "
+                         "(ties: the better task score).")
     return Choice(p, f"{p.label} ({_coords(p)}) is the knee: of the {len(front)} Pareto-optimal points it lies "
                      f"farthest from the line joining the best-task and best-retention ends "
                      f"(distance {bulge(p):.3f} after min-max scaling over {len(points)} points).")
