@@ -180,3 +180,23 @@ def test_report_imports_neither_torch_nor_training(run):
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('sftlab.train', 'transformers'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_symlog_axis_for_values_spanning_decades():
+    """KLs of 0.03 and 8 on one axis: a symmetric log scale (order kept, 0 placed, ticks in the metric's own
+    units, the widest gap compressed); values within two decades stay linear."""
+    from sftlab.report.svg import Frame, symlog_axis
+
+    kl = [0.0, -0.03, -0.1, -0.45, -0.9, -8.5]  # plotted: a lower-is-better KL, negated
+    ax = symlog_axis("kl", kl, flip=True)
+    assert ax.scale > 0 and "log scale" in ax.label
+    fr = Frame(symlog_axis("x", [0.0, 1.0]), ax)
+    ys = [fr.y(v) for v in kl]
+    assert ys == sorted(ys)  # SVG y grows downwards: larger KL (more negative) lower on the page
+    assert ys[4] - ys[0] > (ys[5] - ys[0]) / 3  # 0..0.9 takes a real share of the height, not a sliver
+    labels = [lab for _, lab in ax.ticks()]
+    assert "0" in labels and any(lab in ("1", "2", "5") for lab in labels) and any(lab.startswith("0.") for lab in labels)
+    for v, lab in ax.ticks():
+        assert v == -float(lab)  # flipped: plotted = minus the shown value
+    lin = symlog_axis("acc", [0.1, 0.5, 0.9])
+    assert lin.scale == 0 and "log" not in lin.label

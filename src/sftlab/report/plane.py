@@ -15,7 +15,7 @@ from ..trajectory import Point, overshoot, pareto_front, point_from_scores, rewi
 from .escape import esc, finite
 from .load import ReportData, RunData
 from .sections import register_section, table
-from .svg import Axis, Frame, colours, legend, padded, svg
+from .svg import Axis, Frame, colours, legend, svg, symlog_axis
 
 
 def run_points(r: RunData, task: str, retention: str) -> list[Point]:
@@ -53,7 +53,7 @@ def payload(data: ReportData) -> dict:
 
 def _axis(name: str, hib: bool, values: list[float]) -> Axis:
     label = name if hib else f"{name} (lower is better; axis reversed)"
-    return Axis(label, *padded(values), flip=not hib)
+    return symlog_axis(label, values, flip=not hib)
 
 
 def _whiskers(fr: Frame, p: Point, colour: str) -> str:
@@ -70,8 +70,11 @@ def plane_svg(data: ReportData, groups: list[tuple[RunData, list[Point]]]) -> st
     pts = [p for _, ps in groups for p in ps]
     hib_t = pts[0].meta.get("task_higher_is_better", True)
     hib_r = pts[0].meta.get("retention_higher_is_better", True)
-    fr = Frame(_axis(data.task or "task", hib_t, [p.task for p in pts]),
-               _axis(data.retention or "retention", hib_r, [p.retention for p in pts]), height=480)
+    def extent(axis: str) -> list[float]:  # the points and their whiskers stay inside the box
+        return [v for p in pts for v in (getattr(p, axis), *p.ci(axis)) if finite(v)]
+
+    fr = Frame(_axis(data.task or "task", hib_t, extent("task")),
+               _axis(data.retention or "retention", hib_r, extent("retention")), height=480)
     col = colours([r.method for r, ps in groups if ps])
     paths, fronts, dots = [], [], []
     index = 0

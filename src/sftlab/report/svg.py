@@ -1,7 +1,8 @@
 """Inline SVG charts drawn in Python: axes with readable ticks, and a line chart. No plotting library and
 no JavaScript, so the page renders (and prints) the same everywhere; text goes through `esc`.
 
-Coordinates: data values map linearly into the plot box; SVG's y grows downwards, so `Frame.y` flips it.
+Coordinates: data values map linearly into the plot box (or on a symmetric log scale, `symlog_axis`, when
+they span orders of magnitude, as KLs do); SVG's y grows downwards, so `Frame.y` flips it.
 An axis can be *reversed* (`Axis.flip`): the report places lower-is-better metrics (a loss, a KL) reversed,
 so that right and up always mean better and the ideal corner of the task-vs-retention plane is top-right.
 """
@@ -61,12 +62,42 @@ class Axis:
     lo: float
     hi: float
     flip: bool = False
+    scale: float = 0.0  # > 0: symmetric log scale, linear within about +-scale of zero (symlog_axis)
+
+    def t(self, v: float) -> float:
+        """Where a plotted value sits along the axis: itself, or its symmetric log."""
+        return v if not self.scale else math.copysign(math.log10(1 + abs(v) / self.scale), v)
 
     def ticks(self, n: int = 5) -> list[tuple[float, str]]:
         """(plotted value, label in the metric's own units)."""
-        if self.flip:
-            return [(-v, fmt(v, 3)) for v in nice_ticks(-self.hi, -self.lo, n)]
-        return [(v, fmt(v, 3)) for v in nice_ticks(self.lo, self.hi, n)]
+        sign = -1.0 if self.flip else 1.0
+        lo, hi = sorted((sign * self.lo, sign * self.hi))  # the shown range
+        if not self.scale:
+            return [(sign * v, fmt(v, 3)) for v in nice_ticks(lo, hi, n)]
+        # 0 first, then powers of ten, then their 5s and 2s: each kept unless closer than `gap` to one kept
+        cands = [0.0] + [s * m * 10.0 ** k for m in (1, 5, 2) for k in range(8, -9, -1) for s in (1, -1)]
+        out: list[float] = []
+        gap = (self.t(self.hi) - self.t(self.lo)) / (2.0 * n)
+        for v in (c for c in cands if lo <= c <= hi):
+            if all(abs(self.t(sign * v) - self.t(sign * u)) >= gap for u in out):
+                out.append(v)
+        return [(sign * v, fmt(v, 3)) for v in sorted(out)]
+
+
+def symlog_axis(label: str, values: list[float], flip: bool = False, decades: float = 2.0) -> Axis:
+    """An axis over `values` (plotted units), on a symmetric log scale when their nonzero magnitudes span more
+    than `decades` powers of ten (a KL of 0.03 next to one of 8: linear, the small ones would be one dot)."""
+    mags = sorted(abs(v) for v in values if finite(v) and v != 0)
+    if not mags or mags[-1] / mags[0] <= 10 ** decades:
+        return Axis(label, *padded(values), flip=flip)
+    ax = Axis(f"{label}; log scale", 0.0, 1.0, flip=flip, scale=max(mags[0], mags[-1] * 1e-4))
+    lo_t, hi_t = padded([ax.t(v) for v in values if finite(v)])  # the margin in log space
+
+    def inv(y: float) -> float:
+        return math.copysign(ax.scale * (10 ** abs(y) - 1), y)
+
+    ax.lo, ax.hi = inv(lo_t), inv(hi_t)
+    return ax
 
 
 @dataclass
@@ -83,12 +114,14 @@ class Frame:
     bottom: int = 52
 
     def x(self, v: float) -> float:
-        span = self.xaxis.hi - self.xaxis.lo or 1.0
-        return round(self.left + (v - self.xaxis.lo) / span * (self.width - self.left - self.right), 2)
+        a = self.xaxis
+        span = a.t(a.hi) - a.t(a.lo) or 1.0
+        return round(self.left + (a.t(v) - a.t(a.lo)) / span * (self.width - self.left - self.right), 2)
 
     def y(self, v: float) -> float:
-        span = self.yaxis.hi - self.yaxis.lo or 1.0
-        return round(self.height - self.bottom - (v - self.yaxis.lo) / span
+        a = self.yaxis
+        span = a.t(a.hi) - a.t(a.lo) or 1.0
+        return round(self.height - self.bottom - (a.t(v) - a.t(a.lo)) / span
                      * (self.height - self.top - self.bottom), 2)
 
     def axes_svg(self) -> str:
