@@ -38,27 +38,6 @@ def head_removed(model):
         base.set_output_embeddings(head)
 
 
-_HEAD_CAST: list = [None]  # (weak ref, key, weight in the autocast dtype): the latest output layer's cast
-
-
-def apply_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """head(h), the same numbers, for scoring: under autocast without gradients, the output layer's weight (the
-    largest matrix of a small model, 28M of SmolLM2's 135M) is cast once and reused until it changes (an
-    optimizer step bumps its version), instead of once per call - a probe calls it per batch or per row."""
-    dev = h.device.type
-    if not (isinstance(head, nn.Linear) and torch.is_autocast_enabled(dev) and not torch.is_grad_enabled()):
-        return head(h)
-    dt, w = torch.get_autocast_dtype(dev), head.weight
-    if w.dtype == dt:
-        return head(h)
-    key = (w.data_ptr(), w._version, dt)
-    hit = _HEAD_CAST[0]
-    if hit is None or hit[0]() is not w or hit[1] != key:  # the same tensor (a weak reference: ids are reused)
-        _HEAD_CAST[0] = None  # free the old copy first
-        _HEAD_CAST[0] = hit = (weakref.ref(w), key, w.detach().to(dt))
-    return F.linear(h.to(dt), hit[2], None if head.bias is None else head.bias.to(dt))
-
-
 _FROZEN_CASTS: dict = {}  # id(weight) -> (weak ref, key, cast): frozen weights, cast once per run
 
 

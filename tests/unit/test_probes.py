@@ -489,27 +489,6 @@ def test_bf16_scoring_has_its_own_base_cache(tiny, tokenizer, tmp_path, ctx):
     assert not torch.is_autocast_enabled("cpu")
 
 
-def test_apply_head_reuses_the_cast_until_the_weight_changes():
-    """Scoring casts the output layer once under autocast: same numbers as calling it, and a changed weight
-    (an optimizer step, in place) is seen at once."""
-    from sftlab.objectives import apply_head
-
-    torch.manual_seed(0)
-    head, h = torch.nn.Linear(16, 50, bias=False), torch.randn(5, 16)
-
-    def both():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: autocast's own cache
-            return apply_head(head, h), apply_head(head, h), head(h)
-
-    a, b, plain = both()
-    assert torch.equal(a, plain) and torch.equal(b, plain)  # the second from the kept cast
-    with torch.no_grad():
-        head.weight.mul_(2.0)  # an optimizer step, in place
-    a, b, plain = both()
-    assert torch.equal(a, plain) and torch.equal(b, plain)
-    assert torch.equal(apply_head(head, h), head(h))  # without autocast: the plain call
-
-
 @pytest.mark.parametrize("wrap", ["none", "lora", "oft", "prefix"])
 def test_scoring_with_cast_weights_gives_the_same_scores(wrap, tiny, tokenizer, tmp_path, ctx, monkeypatch):
     """score_model under bf16 swaps each Linear's weight for its bf16 copy (made once, not per forward pass):
@@ -534,7 +513,19 @@ def test_scoring_with_cast_weights_gives_the_same_scores(wrap, tiny, tokenizer, 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fast = scoring_mod.score_model(model, tokenizer, probes, bf16)
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
-    monkeypatch.setattr(scoring_mod, "cast_linear_weights", lambda m, d: cast_linear_weights(m, None))
+    slow = lambda m, d: cast_linear_weights(m, None)  # noqa: E731
+    monkeypatch.setattr(scoring_mod, "cast_linear_weights", slow)
     plain = scoring_mod.score_model(model, tokenizer, probes, bf16)
     for name in plain:
         assert fast[name]["value"] == pytest.approx(plain[name]["value"], rel=1e-6, abs=1e-9), name
+    # a frozen weight changed in place (its kept cast is stale) is seen at once
+    frozen = next(m.weight for m in model.modules() if type(m) is torch.nn.Linear and m.weight.shape[0] > 8)
+    frozen.requires_grad_(False)
+    monkeypatch.setattr(scoring_mod, "cast_linear_weights", cast_linear_weights)
+    scoring_mod.score_model(model, tokenizer, probes, bf16)  # keeps the cast
+    with torch.no_grad():
+        frozen.mul_(3.0)
+    fast = scoring_mod.score_model(model, tokenizer, probes, bf16)
+    monkeypatch.setattr(scoring_mod, "cast_linear_weights", slow)
+    plain = scoring_mod.score_model(model, tokenizer, probes, bf16)
+    assert fast["heldout_loss"]["value"] == pytest.approx(plain["heldout_loss"]["value"], rel=1e-6)

@@ -62,7 +62,7 @@ class KLOptions:
 def position_logits(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
     """Yield (example index, position offset, logits (n, V) float32) over every position of every example."""
     from ..data.collate import pad_batch
-    from ..objectives import apply_head, forward_hidden, to_device
+    from ..objectives import forward_hidden, to_device
     from .likelihood import length_batches, scoring
 
     with scoring(model):
@@ -72,7 +72,7 @@ def position_logits(model, examples, pad: int, batch_size: int, device, chunk: i
             for r, i in enumerate(idx):
                 n = len(examples[i].input_ids)
                 for s in range(0, n, chunk):
-                    yield i, s, apply_head(head, hidden[r, s:min(n, s + chunk)]).float()  # (n, V)
+                    yield i, s, head(hidden[r, s:min(n, s + chunk)]).float()  # (n, V)
 
 
 def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk: int = 512):

@@ -17,7 +17,7 @@ from ..data.collate import pad_batch
 from ..data.formats import Record
 from ..data.tokenize import IGNORE, Example, fit_length, tokenize_record, use_chat_template
 from ..errors import DataError
-from ..objectives import apply_head, forward_hidden, head_removed, to_device, unwrap
+from ..objectives import forward_hidden, head_removed, to_device, unwrap
 
 
 @contextmanager
@@ -214,7 +214,7 @@ def _span_logprobs(hidden, targets, head, chunk: int) -> list[tuple[float, int, 
     lp_sum = torch.zeros(hidden.shape[0], dtype=torch.float64, device=h.device)
     ok = torch.zeros(hidden.shape[0], dtype=torch.long, device=h.device)
     for s in range(0, y.numel(), chunk):
-        logits = apply_head(head, h[s:s + chunk]).float()  # (n, V)
+        logits = head(h[s:s + chunk]).float()  # (n, V)
         lp = logits.log_softmax(-1).gather(-1, y[s:s + chunk, None])[:, 0]
         lp_sum.index_add_(0, rows[s:s + chunk], lp.double())
         ok.index_add_(0, rows[s:s + chunk], (logits.argmax(-1) == y[s:s + chunk]).long())
