@@ -444,7 +444,7 @@ def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
     them)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    from sftlab.probes.likelihood import _common_prefix
+    from sftlab.probes.likelihood import _all_rows_prefix, _shared_prefix
 
     from sftlab.probes.likelihood import answer_examples, example_logprobs, group_logprobs
 
@@ -465,7 +465,8 @@ def test_shared_prompt_scoring_equals_plain(wrap, tiny, tokenizer):
     plain = example_logprobs(model, ex, 2, 3, "cpu")
     grouped = group_logprobs(model, [ex[i:i + len(labels)] for i in range(0, len(ex), len(labels))], 2, 3, "cpu")
     flat_grouped = [r for row in grouped for r in row]
-    assert _common_prefix([ex[i:i + len(labels)] for i in range(0, len(ex), len(labels))]) > 0  # shared too
+    groups = [ex[i:i + len(labels)] for i in range(0, len(ex), len(labels))]
+    assert _all_rows_prefix(groups, [_shared_prefix(g) for g in groups]) > 0  # shared across rows too
     assert [r[1:] for r in flat_grouped] == [r[1:] for r in plain]  # counts and argmax hits
     assert [r[0] for r in flat_grouped] == pytest.approx([r[0] for r in plain], abs=1e-4)
     assert len({r[0] for r in plain}) > 4  # the answers really score differently

@@ -106,7 +106,7 @@ def tokenize_raw(tokenizer, rec: Record, train_on_prompt: bool):
     # The answer starts where the prompt's own tokens and the joint tokens diverge, not at len(prompt tokens):
     # a prompt ending in a space ("Answer: " + "Paris") tokenizes jointly as [..., ":", " Paris"], and counting
     # the prompt's tokens would mask " Paris", so the answer's first token would never be trained.
-    n_prompt = _common_prefix(tokenizer(prompt)["input_ids"], ids) if prompt else _n_leading_specials(tokenizer, ids)
+    n_prompt = common_prefix(tokenizer(prompt)["input_ids"], ids) if prompt else _n_leading_specials(tokenizer, ids)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
@@ -115,7 +115,8 @@ def tokenize_raw(tokenizer, rec: Record, train_on_prompt: bool):
     return ids, labels
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids the two lists share."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

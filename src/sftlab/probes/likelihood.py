@@ -8,6 +8,8 @@ so a probe costs what an eval step costs and works on plain HF and PEFT-wrapped 
 from __future__ import annotations
 
 import copy
+import json
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from ..config import DataSection
 from ..data.collate import pad_batch
 from ..data.formats import Record
-from ..data.tokenize import IGNORE, Example, fit_length, tokenize_record, use_chat_template
+from ..data.tokenize import IGNORE, Example, common_prefix, fit_length, tokenize_record, use_chat_template
 from ..errors import DataError
 from ..objectives import forward_hidden, head_removed, to_device, unwrap
 
@@ -68,22 +70,33 @@ def group_logprobs(model, groups: list[list[Example]], pad: int, batch_size: int
     """
     if not groups:
         return []
-    C = _common_prefix(groups)
-    if not _cache_reusable(model) or min(_shared_prefix(g) for g in groups) < 1 or (_prompt_learning(model)
-                                                                                   and C < 1):
-        flat = [e for g in groups for e in g]
-        res, out, at = example_logprobs(model, flat, pad, batch_size, device, chunk), [], 0
-        for g in groups:
-            out.append(res[at:at + len(g)])
-            at += len(g)
-        return out
+    P = [_shared_prefix(g) for g in groups]
+    C = _all_rows_prefix(groups, P)
+    learned = _prompt_learning(model)
+    if not _cache_reusable(model) or min(P) < 1 or (learned and C < 1):
+        return _split(example_logprobs(model, [e for g in groups for e in g], pad, batch_size, device, chunk),
+                      groups)
+    # Prefix and prompt tuning add their virtual tokens in the common pass; the later passes extend that cache
+    # on the model underneath, with positions after the virtual tokens (where the plain forward puts them).
+    inner = unwrap(model) if learned else model
     order = length_batches(groups, batch_size, length=lambda g: len(g[0].input_ids))  # batch_size prompts
     out: list = [None] * len(groups)
     with scoring(model), head_removed(model) as head:
         common = _run_common(model, groups[0][0].input_ids[:C], device) if C else None
         for idx in order:
-            for i, r in zip(idx, _groups_batch(model, [groups[i] for i in idx], pad, device, chunk, head, common)):
+            res = _groups_batch(model, inner, [groups[i] for i in idx], [P[i] for i in idx], pad, device, chunk,
+                                head, common)
+            for i, r in zip(idx, res):
                 out[i] = r
+    return out
+
+
+def _split(flat_results: list, groups: list[list]) -> list[list]:
+    """Results of the flattened groups, regrouped."""
+    out, at = [], 0
+    for g in groups:
+        out.append(flat_results[at:at + len(g)])
+        at += len(g)
     return out
 
 
@@ -109,10 +122,8 @@ def _cache_arg(model) -> str:
 
 def _shared_prefix(group: list[Example]) -> int:
     """Tokens common to every example, leaving each at least one token of its own."""
-    first, n = group[0].input_ids, min(len(e.input_ids) for e in group) - 1
-    for e in group[1:]:
-        n = next((i for i in range(n) if e.input_ids[i] != first[i]), n)
-    return n
+    first = group[0].input_ids
+    return min([len(e.input_ids) - 1 for e in group] + [common_prefix(first, e.input_ids) for e in group[1:]])
 
 
 def _last_scored(e: Example) -> int:
@@ -120,14 +131,10 @@ def _last_scored(e: Example) -> int:
     return max((i for i, x in enumerate(e.labels) if x != IGNORE), default=len(e.input_ids) - 1)
 
 
-def _common_prefix(groups: list[list[Example]]) -> int:
-    """Tokens every group's shared prefix begins with, leaving each group at least one of its own."""
-    P = [_shared_prefix(g) for g in groups]
-    first, n = groups[0][0].input_ids, min(P) - 1
-    for g in groups[1:]:
-        ids = g[0].input_ids
-        n = next((i for i in range(n) if ids[i] != first[i]), n)
-    return max(n, 0)
+def _all_rows_prefix(groups: list[list[Example]], P: list[int]) -> int:
+    """Tokens every group's shared prefix (`P`: their lengths) begins with, leaving each group one of its own."""
+    first = groups[0][0].input_ids
+    return max(0, min([min(P) - 1] + [common_prefix(first, g[0].input_ids) for g in groups[1:]]))
 
 
 def _run_common(model, ids: list[int], device) -> tuple:
@@ -143,27 +150,26 @@ def _repeat_cache(cache, idx) -> None:
         layer.keys, layer.values = layer.keys[idx], layer.values[idx]
 
 
-def _groups_batch(model, groups: list[list[Example]], pad: int, device, chunk: int, head,
+def _groups_batch(model, inner, groups: list[list[Example]], P: list[int], pad: int, device, chunk: int, head,
                   common: tuple | None) -> list[list]:
     """Several groups at once, one row each: the rest of the group's shared prefix (after the common tokens,
     cached in `common`), then every continuation of the group side by side, each attending to the prefix
     and to itself only (a block mask; positions of each continuation continue the prefix). Equal to
-    scoring every (prompt, answer) sequence on its own, at the cost of one prompt plus its answers."""
+    scoring every (prompt, answer) sequence on its own, at the cost of one prompt plus its answers. `P`: each
+    group's shared prefix length; `inner`: the model that extends the common cache (group_logprobs)."""
     C = 0 if common is None else common[0].shape[0]
-    P = [_shared_prefix(g) for g in groups]
     flat = [e for g in groups for e in g]
     owner = [i for i, g in enumerate(groups) for _ in g]  # group of each continuation
     name = _cache_arg(model)  # transformers renamed past_key_values to cache (5.2x)
-    # Prefix and prompt tuning add their virtual tokens in the common pass; this pass extends that cache on
-    # the model underneath, with positions after the virtual tokens (where the plain forward puts them).
-    inner = unwrap(model) if _prompt_learning(model) else model
     cache = None if common is None else copy.deepcopy(common[1])  # the common cache serves every batch
     K = 0 if cache is None else cache.get_seq_length()  # cached positions before each row
     # Inputs after the last scored token are not needed (its prediction comes from the token before it): an
     # answer "B<|im_end|>\n" adds one token per label, not three.
     end = [min(len(e.input_ids), max(P[o] + 1, _last_scored(e))) for e, o in zip(flat, owner)]
-    S = max(P[i] - C + sum(end[k] - P[i] for k in range(len(flat)) if owner[k] == i) for i in range(len(groups)))
-    G = len(groups)
+    row = [p - C for p in P]  # each group's row: the rest of its prefix, then its continuations
+    for k, o in enumerate(owner):
+        row[o] += end[k] - P[o]
+    S, G = max(row), len(groups)
     ids = torch.full((G, S), pad, dtype=torch.long)
     pos = torch.zeros((G, S), dtype=torch.long)
     allowed = torch.zeros((G, S, S), dtype=torch.bool)
@@ -199,11 +205,7 @@ def _groups_batch(model, groups: list[list[Example]], pad: int, device, chunk: i
             hidden[k, :C] = common[0]
         hidden[k, C:P[o]] = h[o, :P[o] - C]
         hidden[k, P[o]:end[k]] = h[o, start[k]:start[k] + end[k] - P[o]]
-    res, out, at = _span_logprobs(hidden, batch["targets"], head, chunk), [], 0
-    for g in groups:
-        out.append(res[at:at + len(g)])
-        at += len(g)
-    return out
+    return _split(_span_logprobs(hidden, batch["targets"], head, chunk), groups)
 
 
 def _span_logprobs(hidden, targets, head, chunk: int) -> list[tuple[float, int, int]]:
@@ -232,10 +234,6 @@ def memo_answer_examples(owner, tokenizer, prompts: list[list[dict]], answers: l
                          max_length: int, sources: list[str]) -> list[Example]:
     """answer_examples, remembered on `owner` (a probe) for the same tokenizer and inputs: a run scores the
     same rows at every checkpoint, and tokenizing them again is a tenth of a small probe's cost."""
-    import json
-
-    import weakref
-
     key = (len(tokenizer), template, max_length, json.dumps([prompts, answers, sources]))
     hit = owner.__dict__.get("_answer_examples")  # one entry: the rows of the latest call
     if hit is None or hit[0]() is not tokenizer or hit[1] != key:  # the same tokenizer object, same inputs
