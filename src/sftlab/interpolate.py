@@ -23,8 +23,6 @@ its saved copy and are exact at both ends.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -191,6 +189,8 @@ def export_at(run, step: int | None, alpha: float, out: str | Path, merge: bool 
 
 
 def _write_at(run, step, alpha: float, tmp: Path, merged: bool) -> None:
+    from .runs import finish_export, point_adapter_at_base
+
     interp = Interpolator(run, step)
     entry = run.checkpoint(interp.step)
     base = run.base_ref()
@@ -198,22 +198,13 @@ def _write_at(run, step, alpha: float, tmp: Path, merged: bool) -> None:
     # an adapter: no embedding matrices (PEFT would add the whole resized ones after new tokens)
     model.save_pretrained(str(tmp), safe_serialization=True, **({} if merged else {"save_embedding_layers": False}))
     if not merged:  # an adapter folder: point it at the base this run used
-        cfg_path = tmp / "adapter_config.json"
-        acfg = json.loads(cfg_path.read_text())
-        acfg["base_model_name_or_path"] = base.location
-        cfg_path.write_text(json.dumps(acfg, indent=2))
+        point_adapter_at_base(tmp, base.location)
         if interp.token_rows:  # the new rows at alpha, beside it as in a checkpoint (tokens.py)
             from .tokens import TOKEN_ADAPTER_DIR, write_token_adapter
 
             write_token_adapter(tmp / TOKEN_ADAPTER_DIR, {r.name: r.weight[r.ids] for r in interp.token_rows},
                                 interp.token_rows[0].ids, base.location, model.get_base_model())
-    interp.tokenizer.save_pretrained(str(tmp))  # tokenizer and chat template travel with the export
-    gen = Path(base.location) / "generation_config.json"
-    if gen.is_file():
-        shutil.copy(gen, tmp / "generation_config.json")
-    (tmp / "sftlab_export.json").write_text(json.dumps(
-        {"run": str(run.dir), "step": entry["step"], "alpha": alpha, "sha256": entry["sha256"], "merged": merged,
-         "base_model": run.provenance.get("base_model")}, indent=2))
+    finish_export(tmp, run, entry, base, interp.tokenizer, merged, alpha=alpha)
 
 
 @dataclasses.dataclass(frozen=True)

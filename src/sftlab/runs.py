@@ -230,23 +230,33 @@ def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
 
 def _write_export(run: Run, entry: dict, base: ModelRef, tmp: Path, merge: bool) -> None:
     if run.method.peft and not merge:
-        from .tokens import TOKEN_ADAPTER_DIR
-
         shutil.copytree(run.dir / entry["path"], tmp)  # with ADAPTER/tokens, the new-token rows of non-LoRA methods
-        for cfg_path in (tmp / "adapter_config.json", tmp / TOKEN_ADAPTER_DIR / "adapter_config.json"):
-            if cfg_path.is_file():
-                acfg = json.loads(cfg_path.read_text())
-                acfg["base_model_name_or_path"] = base.location
-                cfg_path.write_text(json.dumps(acfg, indent=2))
+        point_adapter_at_base(tmp, base.location)
     else:
         model, _ = run.load(entry["step"], merge=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
-    tok = run.tokenizer()
-    tok.save_pretrained(str(tmp))  # tokenizer (with any added tokens) and chat template travel with the export
+    finish_export(tmp, run, entry, base, run.tokenizer(), merge or not run.method.peft)
+
+
+def point_adapter_at_base(folder: Path, location: str) -> None:
+    """An exported adapter folder (and its tokens/ adapter, if any) names the base this run used."""
+    from .tokens import TOKEN_ADAPTER_DIR
+
+    for cfg_path in (folder / "adapter_config.json", folder / TOKEN_ADAPTER_DIR / "adapter_config.json"):
+        if cfg_path.is_file():
+            acfg = json.loads(cfg_path.read_text())
+            acfg["base_model_name_or_path"] = location
+            cfg_path.write_text(json.dumps(acfg, indent=2))
+
+
+def finish_export(tmp: Path, run: Run, entry: dict, base: ModelRef, tokenizer, merged: bool, **extra) -> None:
+    """What every export folder gets beside the weights: the tokenizer (with any added tokens) and chat
+    template, the base's generation config, and sftlab_export.json (run, step, `extra` such as alpha, sha256)."""
+    tokenizer.save_pretrained(str(tmp))
     if (Path(base.location) / "generation_config.json").is_file():
         shutil.copy(Path(base.location) / "generation_config.json", tmp / "generation_config.json")
     (tmp / "sftlab_export.json").write_text(json.dumps(
-        {"run": str(run.dir), "step": entry["step"], "sha256": entry["sha256"], "merged": merge or not run.method.peft,
+        {"run": str(run.dir), "step": entry["step"], **extra, "sha256": entry["sha256"], "merged": merged,
          "base_model": run.provenance.get("base_model")}, indent=2))
 
 
