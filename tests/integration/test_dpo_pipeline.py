@@ -148,7 +148,7 @@ def _check_offline_reward_accuracy(tmp_path: Path, held: list[dict], k_logged: i
 
     from sftlab.runs import Run
     from sftlab.train.dpo import pair_batch, pair_logps, tokenize_pairs
-    from sftlab.data.formats import Preference
+    from sftlab.data.preferences import Preference
 
     dpo, sft = Run(tmp_path / "pipe" / "dpo"), Run(tmp_path / "pipe" / "sft")
     policy, tok = dpo.load()

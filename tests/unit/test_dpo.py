@@ -111,7 +111,7 @@ def test_accumulation_is_per_pair():
 
 
 def _pairs(tokenizer, n: int = 6):
-    from sftlab.data.formats import Preference
+    from sftlab.data.preferences import Preference
     from sftlab.train.dpo import tokenize_pairs
 
     prefs = [Preference("text", f"t:{i}", f"Question {i}: what colour is the sky?",

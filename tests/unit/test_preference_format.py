@@ -1,4 +1,4 @@
-"""sftlab.data.formats.read_preferences: preference pairs (standard and TRL conversational) for DPO."""
+"""sftlab.data.preferences.read_preferences: preference pairs (standard and TRL conversational) for DPO."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from sftlab.config import DataSource
-from sftlab.data.formats import load_records, read_preferences
+from sftlab.data.formats import load_records
+from sftlab.data.preferences import read_preferences
 from sftlab.errors import DataError
 
 U = {"role": "user", "content": "2+2?"}

@@ -340,7 +340,7 @@ def test_cli_prints_report(tmp_path, capsys):
 
 def test_output_reads_as_preference_data(tmp_path):
     from sftlab.config import DataSource
-    from sftlab.data.formats import read_preferences
+    from sftlab.data.preferences import read_preferences
 
     rc = [comment("c1", "a1", body(1), 3, T0 + 10), comment("c2", "a1", body(2), 30, T0 + 20)]
     pairs, _ = run(tmp_path, rc, [submission("a1")])

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from .. import tokens
 from ..data.collate import BatchPlan, pad_batch
-from ..data.formats import Preference, Record, read_preferences
+from ..data.formats import Record
+from ..data.preferences import Preference, read_preferences
 from ..data.tokenize import Example, TokenizeStats, fit_length, tokenize_record, use_chat_template
 from ..errors import DataError, SftlabError
 from ..objectives import dpo_loss, forward_hidden, sequence_logps, to_device
