@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .configtools import ConfigError
 from .errors import SftlabError
@@ -64,13 +65,14 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .scoring import evaluate_run, generation_steps
+    from .rewinding import generation_steps
+    from .scoring import evaluate_run
 
     which = "generation" if args.generation else "cheap"
     if args.steps in ("", "all"):
         steps = generation_steps(args.run) if args.generation and not args.steps else None
     else:
-        steps = [int(x) for x in args.steps.split(",")]
+        steps = args.steps  # a list of ints (_steps_list)
     done = evaluate_run(args.run, steps, which)
     print(f"sftlab: scored {len(done)} points of {args.run} ({which} probes"
           f"{': steps ' + ','.join(map(str, done)) if done else ''}) into trajectory.jsonl")
@@ -89,7 +91,7 @@ def cmd_rewind(args) -> int:
 
     params = {k: v for k, v in (("max_loss", args.max_loss), ("min_task", args.min_task), ("w", args.weight))
               if v is not None}
-    alphas = [float(a) for a in args.alphas.split(",")] if args.search else None
+    alphas = args.alphas if args.search else None
     print(rewind_run(args.run, args.policy, args.output, params, args.task, args.retention, alphas))
     return 0
 
@@ -112,6 +114,8 @@ def cmd_analyze(args) -> int:
 def cmd_report(args) -> int:
     from .report import render_report
 
+    if args.output and Path(args.output).is_dir():
+        raise SftlabError(f"-o {args.output}: a folder; give the HTML file to write, e.g. {args.output}/report.html")
     print(render_report(args.path, args.output))
     return 0
 
@@ -187,9 +191,48 @@ def cmd_budget(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other sftlab error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _steps_list(text: str) -> str | list[int]:
+    """--steps of sftlab eval: '' (the default choice), 'all', or a comma list of steps."""
+    if text in ("", "all"):
+        return text
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write 'all' or a comma list of steps, e.g. 0,10,20") from None
+    if any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"{text!r}: steps are >= 0 (0 is the base model)")
+    return steps
+
+
+def _layers_spec(text: str) -> str:
+    """--layers of sftlab analyze, checked before any model loads (the range is checked once one has)."""
+    if text in ("auto", "all"):
+        return text
+    try:
+        if all(int(x) >= 0 for x in text.split(",")):
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: write auto, all or a comma list of layer indices, e.g. 0,5,10")
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a comma list of numbers, e.g. 0.25,0.5,1.0") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning that records what a model "
-                                "learns and what it forgets.")
+    p = Parser(prog="sftlab", description="Supervised fine-tuning that records what a model learns and what it "
+               "forgets.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -231,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a run's checkpoints (and the base as step 0) with its probes")
     ev.add_argument("run", help="run directory")
-    ev.add_argument("--steps", default="", help="comma list of steps, or 'all' (0 = the base; default: all for "
+    ev.add_argument("--steps", default="", type=_steps_list,
+                    help="comma list of steps, or 'all' (0 = the base; default: all for "
                     "likelihood probes; base, final and frontier for --generation)")
     ev.add_argument("--generation", action="store_true", help="run the generation-based probes (on the base, the "
                     "final checkpoint and the frontier points unless --steps says otherwise)")
@@ -252,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--min-task", type=float, default=None, help="max_retention_with_task: task score to reach")
     rw.add_argument("--weight", type=float, default=None, help="weighted: weight of the task axis (0..1)")
     rw.add_argument("--search", action="store_true", help="also search between the base and the chosen checkpoint")
-    rw.add_argument("--alphas", default="0.25,0.5,0.75,1.0", help="--search grid")
+    rw.add_argument("--alphas", default="0.25,0.5,0.75,1.0", type=_number_list, help="--search grid")
     rw.add_argument("--task", default=None)
     rw.add_argument("--retention", default=None)
     rw.add_argument("-o", "--output", default=None, help="export the chosen point here")
@@ -262,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("run", help="run directory")
     an.add_argument("--steps", default="last", help="last | all | comma list of checkpoint steps, e.g. 4,8")
     an.add_argument("--no-activations", action="store_true", help="weight space only (no forward passes)")
-    an.add_argument("--layers", default="auto", help="auto (4 evenly spaced) | all | comma list of layer indices")
+    an.add_argument("--layers", default="auto", type=_layers_spec,
+                    help="auto (4 evenly spaced) | all | comma list of layer indices")
     an.add_argument("--texts", type=int, default=16, help="texts per prompt set (general and task)")
     an.add_argument("--max-length", type=int, default=128, help="tokens per text")
     an.add_argument("--intruder-k", type=int, default=10, help="top singular vectors of Wft checked for intruders")

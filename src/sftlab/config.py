@@ -17,7 +17,7 @@ import yaml
 
 from .configtools import ConfigError, apply_overrides, check, describe, doc, from_dict, to_dict
 from .config_scale import DistributedSection, QuantizationSection
-from .registry import RegistryError
+from .registry import METHODS, PROBES, RegistryError
 
 
 @dataclass
@@ -291,8 +291,6 @@ class RunConfig:
 
 
 def parse_method(data: Any):
-    from .methods import METHODS
-
     if data is None:
         data = {}
     if isinstance(data, str):
@@ -309,8 +307,6 @@ def parse_method(data: Any):
 
 
 def parse_probes(data: Any) -> list[ProbeEntry]:
-    from .probes import PROBES
-
     if data is None:
         return []
     if not isinstance(data, list):
@@ -350,8 +346,6 @@ def config_from_dict(data: dict) -> RunConfig:
 
 def validate_combinations(cfg: RunConfig) -> None:
     """Checks across sections (single fields validate themselves)."""
-    from .methods import METHODS
-
     spec = METHODS.get(cfg.method.name)
     if cfg.quantization.enabled and not spec.peft:
         raise ConfigError(f"quantization.bits: method {spec.name!r} trains the base weights themselves, which a "
@@ -384,10 +378,14 @@ def validate_combinations(cfg: RunConfig) -> None:
 def read_yaml(path: str | Path, what: str = "config") -> object:
     """A YAML file's content, or a one-line ConfigError naming the file (and line) and the fix."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: a folder; give the {what} file (YAML) itself")
     if not p.is_file():
         raise ConfigError(f"{p}: {what} file not found")
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the {what} ({e.strerror or e}); check its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -405,8 +403,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def describe_config() -> str:
-    from .methods import METHODS
-
     lines = ["sftlab run configuration (YAML; override any key with key.path=value)", ""]
     lines += describe(RunConfig)
     lines = [ln for ln in lines if not ln.strip().startswith(("method.name", "method.options", "probes[]."))]
@@ -415,8 +411,6 @@ def describe_config() -> str:
         spec = METHODS.get(name)
         lines.append(f"  {name}: {spec.description}")
         lines += ["  " + ln for ln in describe(spec.options, "method.", 1)]
-    from .probes import PROBES
-
     lines += ["", "probes: a list; each entry names a probe and sets its options beside the name:"]
     for name in PROBES.names():
         spec = PROBES.get(name)

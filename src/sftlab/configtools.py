@@ -164,7 +164,11 @@ def to_dict(obj) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place.
+
+    A number indexes a list (`data.train.0.path=x`); a path that runs into a value which is not a section
+    (`train.lr.x=1`), past a list's end or into an unset list is refused with the fix, before the value is
+    type-checked against the config's fields."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: write it as key.path=value, e.g. train.lr=1e-4")
@@ -173,22 +177,55 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = data
         parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if p.isdigit() and isinstance(node, list):
-                node = node[int(p)]
-                continue
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            node = nxt
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = value
-        else:
-            node[last] = value
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: the key {key.strip()!r} has an empty part; write "
+                              "key.path=value with dots only between names, e.g. train.lr=1e-4")
+        node: Any = data
+        for i, part in enumerate(parts):
+            here = ".".join(parts[:i])  # the node we are in (never the root: that is a dict)
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                index = _list_index(node, part, here, item)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                    break
+                nxt = node.get(part)
+                if nxt is None:
+                    if parts[i + 1].isdigit():
+                        at = ".".join(parts[: i + 1])
+                        raise ConfigError(f"override {item!r}: {at} is not set, so it has no entry {parts[i + 1]}; "
+                                          f"set the whole list, e.g. {at}=[...]")
+                    nxt = node[part] = {}
+                node = nxt
+            else:
+                raise ConfigError(f"override {item!r}: {here} is {_kind(node)} ({node!r}), not a section, so it has "
+                                  f"no key {part!r}; set it directly, e.g. {here}=...")
     return data
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _list_index(node: list, part: str, here: str, item: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override {item!r}: {here} is a list; name an entry by its position, e.g. "
+                          f"{here}.0 (not {part!r})")
+    index, n = int(part), len(node)
+    if index >= n:
+        has = "is an empty list" if not n else "has 1 entry (index 0)" if n == 1 else f"has {n} entries (0..{n - 1})"
+        raise ConfigError(f"override {item!r}: {here} {has}; to add one, set the whole list, e.g. {here}=[...]")
+    return index
 
 
 def describe(cls, prefix: str = "", indent: int = 0) -> list[str]:

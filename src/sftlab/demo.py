@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .assets import DemoData, prepare_assets
+from .errors import SftlabError
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ def run_demo(quick: bool = False, output_dir: str = "runs", plan: DemoPlan | Non
     from .arena.runner import leaderboard_for
     from .report import render_report
 
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise SftlabError(f"--output-dir {output_dir}: a file, not a folder; give a folder for the demo's arena")
     t0 = time.time()
     plan = plan or (QUICK if quick else FULL)
     data = prepare_assets(verbose=True)

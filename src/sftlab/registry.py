@@ -1,24 +1,45 @@
-"""Typed, strict registries: register by name, fail on duplicates, suggest the nearest name on a miss."""
+"""Typed, strict registries: register by name, fail on duplicates, suggest the nearest name on a miss.
+
+The registries that config.py validates against (methods, probes) are made here, at the bottom of the house,
+and name the package that fills them (`provider`, a module path imported on the first lookup). So config.py
+reads a registry without importing the packages that register into it, and no import circle runs through it.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+import importlib
+from typing import Any, Generic, Iterator, TypeVar
+
+from .errors import SftlabError
 
 T = TypeVar("T")
 
 
 class RegistryError(KeyError):
+    """A registry used wrongly by code (a name registered twice): a bug, shown with its traceback."""
+
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0])
+
+
+class UnknownNameError(RegistryError, SftlabError):
+    """A name that is not registered, usually typed by a user: the CLI prints it as one line."""
 
 
 class Registry(Generic[T]):
     """A name -> object map for one kind of thing (methods, probes, losses)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, provider: str = "") -> None:
         self.kind = kind
+        self.provider = provider  # module that registers the built-ins, imported on the first lookup
         self._items: dict[str, T] = {}
+        self._provided = not provider
+
+    def _provide(self) -> None:
+        if not self._provided:
+            importlib.import_module(self.provider)  # runs its register() calls; a no-op while it is importing
+            self._provided = True
 
     def register(self, name: str, item: T) -> T:
         if name in self._items:
@@ -27,16 +48,22 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str) -> T:
+        self._provide()
         try:
             return self._items[name]
-        except KeyError:
-            raise RegistryError(unknown_name_message(self.kind, name, self._items)) from None
+        except (KeyError, TypeError):  # TypeError: an unhashable name from a config (a list, a mapping)
+            raise UnknownNameError(unknown_name_message(self.kind, name, self._items)) from None
 
     def names(self) -> list[str]:
+        self._provide()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        self._provide()
+        try:
+            return name in self._items
+        except TypeError:
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -46,3 +73,8 @@ def unknown_name_message(kind: str, name: str, known) -> str:
     close = difflib.get_close_matches(str(name), list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown {kind} {name!r}{hint} (known: {', '.join(sorted(known))})"
+
+
+# The registries config.py validates names and options against; their packages register into them.
+METHODS: Registry[Any] = Registry("method", provider=f"{__package__}.methods")
+PROBES: Registry[Any] = Registry("probe", provider=f"{__package__}.probes")

@@ -35,11 +35,30 @@ def pick_scores(entries: list[dict], task: str | None, retention: str | None) ->
 def run_points(run_dir: str | Path, task: str | None = None, retention: str | None = None):
     from .train.checkpoint import read_trajectory
 
-    entries = read_trajectory(Path(run_dir))
+    folder = Path(run_dir)
+    if not (folder / "trajectory.jsonl").is_file() and not (folder / "config.yaml").is_file():
+        raise SftlabError(f"{folder}: not a run directory (no trajectory.jsonl, no config.yaml); give the folder "
+                          "`sftlab train` wrote")
+    entries = read_trajectory(folder)
     t, r = pick_scores(entries, task, retention)
     points = [point_from_scores(e["step"], e["scores"][t], e["scores"][r], meta={"path": e.get("path")})
               for e in entries if t in e.get("scores", {}) and r in e.get("scores", {})]
     return points, t, r
+
+
+def generation_steps(run_dir: str | Path) -> list[int]:
+    """Where generation probes run by default: the base (0), the final checkpoint and the Pareto-frontier
+    points of the cheap scores already in trajectory.jsonl (just base and final when there are none)."""
+    from .runs import Run
+
+    saved = [e["step"] for e in Run(run_dir).checkpoints() if e.get("path")]
+    steps = {0} | ({max(saved)} if saved else set())
+    try:
+        points, _, _ = run_points(run_dir)
+    except SftlabError:
+        points = []
+    steps |= {p.step for p in pareto_front(points) if p.step == 0 or p.step in saved}
+    return sorted(steps)
 
 
 def _fmt(score_value: float, lo: float, hi: float) -> str:

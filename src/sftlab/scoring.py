@@ -151,24 +151,6 @@ class ScoreCallback:
         append_scores(self.trainer.run_dir, step, {}, {"scoring_seconds": round(self.seconds, 3)})
 
 
-def generation_steps(run_dir: str | Path) -> list[int]:
-    """Where generation probes run by default: the base (0), the final checkpoint and the Pareto-frontier
-    points of the cheap scores already in trajectory.jsonl (just base and final when there are none)."""
-    from .errors import SftlabError
-    from .rewinding import run_points
-    from .runs import Run
-    from .trajectory import pareto_front
-
-    saved = [e["step"] for e in Run(run_dir).checkpoints() if e.get("path")]
-    steps = {0} | ({max(saved)} if saved else set())
-    try:
-        points, _, _ = run_points(run_dir)
-    except SftlabError:
-        points = []
-    steps |= {p.step for p in pareto_front(points) if p.step == 0 or p.step in saved}
-    return sorted(steps)
-
-
 def evaluate_run(run_dir: str, steps: list[int] | None = None, which: str = "cheap", base: bool = True,
                  progress: bool = True) -> list[int]:
     """Score saved checkpoints (and the starting model as step 0) offline; returns the steps scored."""

@@ -156,7 +156,7 @@ def test_base_scores_are_shared_between_runs(lora_run, tmp_path, files, monkeypa
 def test_generation_probes_default_to_base_final_and_frontier(lora_run, tmp_path, files, capsys):
     """Generation is not cheap: training scores likelihood probes only; `sftlab eval --generation` then runs
     the generation probes on step 0, the final checkpoint and the frontier points (or where --steps says)."""
-    from sftlab.scoring import generation_steps
+    from sftlab.rewinding import generation_steps
     from sftlab.trajectory import pareto_front
     from sftlab.rewinding import run_points
 

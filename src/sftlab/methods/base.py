@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..registry import METHODS as _METHODS
 from ..registry import Registry
 
 
@@ -35,7 +36,8 @@ class Method:
     token_rows: bool = False
 
 
-METHODS: Registry[Method] = Registry("method")
+# Made in registry.py (so config.py can read it without importing this package); filled here.
+METHODS: Registry[Method] = _METHODS
 
 
 def register_method(method: Method) -> Method:

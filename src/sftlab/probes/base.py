@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 from ..configtools import ConfigError, from_dict
 from ..errors import SftlabError
 from ..models import cache_root
+from ..registry import PROBES as _PROBES
 from ..registry import Registry
 
 class ProbeError(SftlabError):
@@ -111,7 +112,8 @@ class ProbeSpec:
     cheap: bool = True
 
 
-PROBES: Registry[ProbeSpec] = Registry("probe")
+# Made in registry.py (so config.py can read it without importing this package); filled here.
+PROBES: Registry[ProbeSpec] = _PROBES
 
 
 def register_probe(name: str, options: type, factory: Callable[[Any], Probe], description: str,

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from ..errors import SftlabError
-from .sharding import Sharding
+from .shardspec import Sharding
 
 # Keys that only change DeepSpeed's own logging or kernels: read, nothing to do.
 IGNORED = {"steps_per_print", "wall_clock_breakdown", "flops_profiler", "tensorboard", "comms_logger",

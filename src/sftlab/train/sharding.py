@@ -19,28 +19,12 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import SftlabError
-
-
-@dataclass(frozen=True)
-class Sharding:
-    kind: str = "none"  # "none" (one process) | "ddp" | "fsdp"
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
-    activation_checkpointing: bool = False
-    source: str = "config"  # where the settings came from, for the log line and provenance
-    wrap_classes: tuple[str, ...] = ()  # decoder-layer class names to shard one by one (empty: the model's own)
-
-    def describe(self) -> str:
-        if self.kind != "fsdp":
-            return self.kind
-        return (f"fsdp2 (reshard_after_forward={self.reshard_after_forward}, cpu_offload={self.cpu_offload}, "
-                f"activation_checkpointing={self.activation_checkpointing}; from {self.source})")
+from .shardspec import Sharding  # noqa: F401  (callers import it from here)
 
 
 def _env_flag(env, name: str) -> bool:
