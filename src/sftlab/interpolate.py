@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import SftlabError
+from .faults import fault
 from .trajectory import Choice, Point, rewind
 
 
@@ -197,6 +198,7 @@ def _write_at(run, step, alpha: float, tmp: Path, merged: bool) -> None:
     model = interp.merged(alpha) if merged else interp.at(alpha)
     # an adapter: no embedding matrices (PEFT would add the whole resized ones after new tokens)
     model.save_pretrained(str(tmp), safe_serialization=True, **({} if merged else {"save_embedding_layers": False}))
+    fault("rewind_export", entry["step"], half_written=tmp)
     if not merged:  # an adapter folder: point it at the base this run used
         point_adapter_at_base(tmp, base.location)
         if interp.token_rows:  # the new rows at alpha, beside it as in a checkpoint (tokens.py)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .config import read_yaml
 from .configtools import ConfigError, apply_overrides
+from .faults import fault
 
 STATE = "pipeline.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -144,9 +145,12 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), print_fn=print) ->
         if done:
             raise SftlabError(f"stage {stage.name}: finished earlier with another config (or its folder is gone); "
                               f"delete {run_dir} and its entry in {folder / STATE}, or give the stage a new name")
-        resume = (run_dir / "config.yaml").is_file()
+        # a folder without config.yaml: a stage killed before its first write (e.g. while it computed the DPO
+        # reference); resuming it starts over, after the stale-lock check
+        resume = run_dir.is_dir() and any(run_dir.iterdir())
         print_fn(f"sftlab: stage {stage.name}: {'resuming' if resume else 'training'} {run_dir}")
         train(cfg, resume=resume)
+        fault("pipeline_stage", i + 1)
         last = Run(run_dir).checkpoints()
         if not last:
             raise SftlabError(f"stage {stage.name}: finished without a checkpoint; set checkpoint.final=true")

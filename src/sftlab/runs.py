@@ -16,6 +16,7 @@ import yaml
 
 from .config import config_from_dict
 from .errors import SftlabError
+from .faults import fault
 from .methods import METHODS
 from .models import ModelRef, folder_hash, load_model, load_tokenizer, resolve_model
 from .train.checkpoint import read_trajectory
@@ -235,6 +236,7 @@ def _write_export(run: Run, entry: dict, base: ModelRef, tmp: Path, merge: bool)
     else:
         model, _ = run.load(entry["step"], merge=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
+    fault("export", entry["step"], half_written=tmp)
     finish_export(tmp, run, entry, base, run.tokenizer(), merge or not run.method.peft)
 
 

@@ -1,28 +1,30 @@
-"""SIGKILL at random moments: every completed result survives, --resume continues, and the final weights
-equal an uninterrupted run's.
+"""SIGKILL at named points (SFTLAB_FAULT, sftlab/faults.py): every completed result survives, nothing partial is
+ever taken for complete, --resume continues, and the final weights equal an uninterrupted run's, bit for bit.
 
-One run chain on a tiny model with everything that carries hidden state (dropout, shuffled epochs,
-gradient accumulation, a cosine schedule) is killed 10 times at seeded random moments while it trains
-(one kill is made certain to land inside a checkpoint write with the test-only pause
-SFTLAB_TEST_PAUSE_CHECKPOINT). After each kill: trajectory.jsonl lists only complete checkpoints whose
-sha256 matches, the resume state is loadable, the stale lock is reported with the command that clears it.
-Then the chain runs to the end with `python -m sftlab.cli train --resume` and is compared with an
-uninterrupted run, checkpoint by checkpoint.
+The kills come from inside the process at exact points, so no outcome depends on the machine's speed: a kill
+"after step 13's update" lands after step 13's update on a fast machine and on a slow one.
 
-Each training is a real process killed with SIGKILL. To keep 12 processes affordable on 2 cores, they are
-forked from one "zygote" process that has already imported torch and transformers (~6 s of CPU each
-otherwise); the child then runs `sftlab.cli.main(argv)` exactly as the console script does.
+Training: one run chain on a tiny model with everything that carries hidden state (dropout, shuffled epochs,
+gradient accumulation, a cosine schedule) is killed at every training point, each at two or more steps (the
+first kill before any resume state exists, the last one at the final step). After each kill: trajectory.jsonl
+lists only complete checkpoints whose sha256 matches, the resume state is loadable, the half-written file the
+point leaves is nowhere a reader looks, the stale lock is reported with the command that clears it. Then the
+chain runs to the end with `python -m sftlab.cli train --resume` and is compared with an uninterrupted run,
+checkpoint by checkpoint. Exports, exports at a rewind alpha, a pipeline between its stages and the DPO
+reference cache are killed the same way, and their reruns compared with uninterrupted ones.
+
+Each process is real and killed with SIGKILL. To keep the many processes affordable on 2 cores, they are forked
+from one "zygote" process that has already imported torch and transformers (~6 s of CPU each otherwise); the
+child then runs `sftlab.cli.main(argv)` exactly as the console script does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +33,21 @@ import yaml
 from conftest import build_tiny_model, memorisable_chats, write_jsonl
 import sftlab.train.loop  # noqa: F401  (import torch/transformers now, not first under capsys in a test)
 from sftlab.cli import main
-from sftlab.train.checkpoint import PAUSE_ENV, find_resume, hash_files, read_trajectory
+from sftlab.faults import FAULT_ENV, POINTS
+from sftlab.runs import Run
+from sftlab.train.checkpoint import find_resume, hash_files, read_trajectory
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY, KILLS, PAUSED_TRIAL = 36, 2, 10, 4
+STEPS, EVERY, RESUME_EVERY = 24, 2, 4
+# (point, step) in the order the chain meets them: a kill at step s resumes from the last resume state (a
+# multiple of RESUME_EVERY) at or before s, so the next kill may be at the same step again.
+CHAIN = [("after_update", 3),  # no resume state exists yet: the resumed run starts over
+         ("checkpoint_write", 6), ("checkpoint_rename", 8), ("checkpoint_line", 8), ("resume_write", 8),
+         ("resume_swap", 12), ("after_update", 13), ("checkpoint_write", 16), ("checkpoint_rename", 18),
+         ("checkpoint_line", 20), ("resume_write", 20), ("resume_swap", 24)]  # the last: at the final step
+TRAINING_POINTS = {"after_update", "checkpoint_write", "checkpoint_rename", "checkpoint_line", "resume_write",
+                   "resume_swap"}
 
 ZYGOTE = r"""
 import json, os, sys, traceback
@@ -53,7 +65,11 @@ for line in sys.stdin:
                 os.dup2(fd, 2)
                 sys.stdout.reconfigure(line_buffering=True)
                 os.environ.update(req["env"])
-                rc = sftlab.cli.main(req["argv"])
+                if "code" in req:  # for what has no subcommand of its own; ARGV holds the arguments
+                    exec(req["code"], {"ARGV": req["argv"]})
+                    rc = 0
+                else:
+                    rc = sftlab.cli.main(req["argv"])
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else 1
             except BaseException:
@@ -70,8 +86,9 @@ for line in sys.stdin:
 
 
 class Zygote:
-    def __init__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    def __init__(self, cache: Path):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SFTLAB_CACHE": str(cache)}
+        env.pop(FAULT_ENV, None)
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
 
@@ -82,26 +99,40 @@ class Zygote:
         assert line, "the zygote process died"
         return json.loads(line)
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> int:
-        log.touch()  # the child truncates it; readers may look before the child opened it
-        return self._ask({"op": "run", "argv": argv, "log": str(log), "env": env or {}})["pid"]
+    def run(self, argv: list, log: Path, fault: str | None = None, code: str | None = None,
+            env: dict | None = None) -> dict:
+        """Run `sftlab argv` (or `code`) in a forked child to its end; {'signal': ..., 'rc': ..., 'log': text}."""
+        req = {"op": "run", "argv": argv, "log": str(log), "env": {**(env or {}), **({FAULT_ENV: fault} if fault else {})}}
+        if code:
+            req["code"] = code
+        pid = self._ask(req)["pid"]
+        status = self._ask({"op": "wait", "pid": pid})
+        return {**status, "log": log.read_text()}
 
-    def wait(self, pid: int) -> dict:
-        return self._ask({"op": "wait", "pid": pid})
+    def killed_at(self, argv: list, log: Path, point: str, step: int | None, **kw) -> str:
+        """Run with the fault set; assert that it died by SIGKILL at exactly that point. Returns the log."""
+        spec = point if step is None else f"{point}@{step}"
+        got = self.run(argv, log, spec, **kw)
+        assert got["signal"] == signal.SIGKILL, f"{spec}: not killed ({got['rc']=}); log:\n{got['log']}"
+        where = f"SIGKILL at {point}" + (f" at step {step}" if step is not None else "")
+        assert f"sftlab-fault: {where}" in got["log"], got["log"]
+        return got["log"]
+
+    def ok(self, argv: list, log: Path, **kw) -> str:
+        got = self.run(argv, log, None, **kw)
+        assert got["rc"] == 0 and got["signal"] is None, got["log"]
+        return got["log"]
 
     def close(self):
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=60)
 
 
-def wait_for(cond, timeout: float, what: str, log: Path | None = None):
-    end = time.time() + timeout
-    while time.time() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}" + (f"; log:\n{log.read_text()}" if log else ""))
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    z = Zygote(tmp_path_factory.mktemp("cache"))
+    yield z
+    z.close()
 
 
 def last_metric_step(run: Path) -> int:
@@ -118,28 +149,47 @@ def last_metric_step(run: Path) -> int:
     return max(steps, default=0)
 
 
-def check_after_kill(run: Path) -> dict:
-    """What must hold at any moment a training can die. Returns counts for the report."""
+def check_after_kill(run: Path, point: str, step: int) -> None:
+    """What must hold at any moment a training can die."""
     entries = read_trajectory(run)
     recorded = {Path(e["path"]).name for e in entries}
     for e in entries:
         assert (run / e["path"]).is_dir(), f"trajectory lists {e['path']}, which does not exist"
         assert hash_files(run / e["path"]) == e["sha256"], f"{e['path']}: sha256 does not match trajectory.jsonl"
-    folders = [p for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").is_dir() else []
-    stray = [p.name for p in folders if p.name not in recorded]
-    # Unrecorded folders are not checkpoints: temp folders of the killed writer, or at most one step folder
-    # renamed in the instant before its line was appended (resume removes both).
-    assert all(n.startswith(".tmp-") for n in stray) or len([n for n in stray if not n.startswith(".")]) <= 1, stray
+    assert [c["step"] for c in Run(run).checkpoints()] == [e["step"] for e in entries]
+    folders = [p.name for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").is_dir() else []
+    stray = [n for n in folders if n not in recorded]
+    name = f"step-{step:06d}"
+    if point == "checkpoint_write":  # a temp folder with a torn weights file, not a checkpoint
+        tmp = [n for n in stray if n.startswith(f".tmp-{name}-")]
+        assert tmp and name not in recorded, (stray, recorded)
+        torn = run / "checkpoints" / tmp[0] / "adapter_model.safetensors"
+        with pytest.raises(Exception):
+            from safetensors.torch import load_file
+            load_file(str(torn))
+    elif point == "checkpoint_rename":  # complete files, still under the temp name
+        assert any(n.startswith(f".tmp-{name}-") for n in stray) and name not in recorded
+    elif point == "checkpoint_line":  # renamed, not recorded: not a checkpoint
+        assert name in stray and name not in recorded
+    else:
+        assert not stray, stray
     resume = find_resume(run)
+    if step > RESUME_EVERY or point in ("resume_swap",):
+        assert resume is not None, f"{point}@{step}: no loadable resume state"
     if resume is not None:
         import torch
         from safetensors.torch import load_file
 
         pos = json.loads((resume / "position.json").read_text())
-        assert pos["step"] % EVERY == 0
+        assert pos["step"] % RESUME_EVERY == 0 and pos["step"] <= step
+        if point in ("resume_write", "resume_swap"):
+            assert pos["step"] == step - RESUME_EVERY  # the previous resume state, intact
         load_file(str(resume / "trainable.safetensors"))
         torch.load(resume / "state.pt", weights_only=True)
-    return {"in_checkpoint_write": any(n.startswith(".tmp-") for n in stray) or bool(list(run.glob(".tmp-*")))}
+    if point == "resume_write":
+        assert list(run.glob(".tmp-resume-*")), "the torn resume temp folder should be left for resume to clean"
+    if point == "resume_swap":
+        assert resume.name == ".old-resume" and not (run / "resume").exists()
 
 
 def stale_lock_is_reported_then_cleared(cfg: Path, run: Path, capsys):
@@ -153,57 +203,22 @@ def stale_lock_is_reported_then_cleared(cfg: Path, run: Path, capsys):
 
 
 def write_config(tmp: Path, model_dir: Path, name: str) -> Path:
-    data = write_jsonl(tmp / "chats.jsonl", memorisable_chats(12))  # 3 steps per epoch: 12 shuffled epochs
+    data = write_jsonl(tmp / "chats.jsonl", memorisable_chats(12))  # 3 steps per epoch: 8 shuffled epochs
     cfg = {"run": {"name": name, "output_dir": str(tmp / "runs"), "seed": 3},
            "model": {"path": str(model_dir)}, "method": {"name": "lora", "r": 4, "dropout": 0.1},
            "data": {"train": [{"path": str(data)}], "max_length": 64},
            "train": {"steps": STEPS, "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "schedule": "cosine",
                      "warmup": 2, "threads": 1},
-           "checkpoint": {"every": EVERY}, "logging": {"progress": False, "tensorboard": False}}
+           "checkpoint": {"every": EVERY, "resume_every": RESUME_EVERY},
+           "logging": {"progress": False, "tensorboard": False}}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def adapter(run: Path, step: int) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
-
-
-def kill_once(zygote: Zygote, cfg: Path, run: Path, trial: int, target: int, rng: random.Random, capsys) -> bool:
-    """Start (or resume) the chain, SIGKILL it at a random moment, check what it left. True when the kill
-    left a checkpoint or resume write half-done."""
-    log = cfg.parent / f"trial-{trial}.log"
-    argv = ["train", str(cfg)] + (["--resume"] if trial else [])
-    paused = trial == PAUSED_TRIAL
-    pid = zygote.start(argv, log, {PAUSE_ENV: "60"} if paused else {})
-    # the loop has started (after the resume truncated old metrics lines)
-    wait_for(lambda: "trainable of" in log.read_text(), 120, "training to start", log)
-    if paused:
-        line = wait_for(lambda: [ln for ln in log.read_text().splitlines() if "paused before rename" in ln],
-                        120, "the checkpoint pause", log)[0]
-        tmp_ckpt = Path(line.split(": ", 2)[2])
-        assert (tmp_ckpt / "adapter_model.safetensors").is_file()  # written, not yet renamed
-    else:
-        if trial == 0:  # a second training into the same run directory is refused while this one runs
-            capsys.readouterr()
-            assert main(["train", str(cfg), "--resume"]) == 2
-            assert f"another training (pid {pid})" in capsys.readouterr().err
-        wait_for(lambda: last_metric_step(run) >= target, 120, f"step {target}", log)
-        time.sleep(rng.uniform(0.0, 0.25))  # somewhere in the next step(s): compute, checkpoint, resume
-    os.kill(pid, signal.SIGKILL)
-    status = zygote.wait(pid)
-    assert status["signal"] == signal.SIGKILL, (status, log.read_text())
-    found = check_after_kill(run)
-    print(f"kill {trial}: after step {last_metric_step(run)} (target {target}); inside a checkpoint or "
-          f"resume write: {found['in_checkpoint_write']}", file=sys.__stderr__)  # capsys holds stdout
-    if paused:  # the half-written checkpoint is not a checkpoint
-        step = tmp_ckpt.name.removeprefix(".tmp-").rsplit("-", 1)[0]
-        assert tmp_ckpt.exists() and not (run / "checkpoints" / step).exists()
-        assert step not in [Path(e["path"]).name for e in read_trajectory(run)]
-    stale_lock_is_reported_then_cleared(cfg, run, capsys)
-    return found["in_checkpoint_write"]
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != "sftlab_export.json"}  # that one names the run folder
 
 
 def assert_same_as_reference(run: Path, ref: Path) -> None:
@@ -213,35 +228,139 @@ def assert_same_as_reference(run: Path, ref: Path) -> None:
         assert hash_files(run / e["path"]) == e["sha256"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(Path(e["path"]).name for e in entries)
     assert not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
-    a, b = adapter(ref, STEPS), adapter(run, STEPS)
-    assert a.keys() == b.keys()
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff <= 1e-6, f"final weights differ from the uninterrupted run by {diff:.2e}"
-    # stronger: the whole path is the same, checkpoint by checkpoint
+    # the whole path is the same, checkpoint by checkpoint, bit for bit
     assert [e["sha256"] for e in entries] == [e["sha256"] for e in ref_entries]
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    ref_rows = [json.loads(ln) for ln in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, capsys):
-    model_dir = build_tiny_model(tmp_path / "model", dropout=0.1)
-    rng = random.Random(20240607)
-    zygote = Zygote()
-    try:
-        ref_cfg = write_config(tmp_path, model_dir, "reference")
-        pid = zygote.start(["train", str(ref_cfg)], tmp_path / "reference.log")
-        assert zygote.wait(pid)["rc"] == 0, (tmp_path / "reference.log").read_text()
-        cfg = write_config(tmp_path, model_dir, "chain")
-        run = tmp_path / "runs" / "chain"
-        targets = sorted(rng.sample(range(2, STEPS - 2), KILLS))  # the step after which each kill comes
-        mid_write = sum(kill_once(zygote, cfg, run, trial, target, rng, capsys)
-                        for trial, target in enumerate(targets))
-        assert mid_write >= 1
-    finally:
-        zygote.close()
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, zygote):
+    """The reference run and the chain killed at every point of CHAIN (then finished by the console script)."""
+    tmp = tmp_path_factory.mktemp("crash")
+    model_dir = build_tiny_model(tmp / "model", dropout=0.1)
+    ref_cfg = write_config(tmp, model_dir, "reference")
+    zygote.ok(["train", str(ref_cfg)], tmp / "reference.log")
+    return tmp, model_dir, write_config(tmp, model_dir, "chain")
+
+
+def test_the_chain_covers_every_training_point_at_two_steps_or_more():
+    assert TRAINING_POINTS <= set(POINTS)
+    for point in TRAINING_POINTS:
+        assert len({s for p, s in CHAIN if p == point}) >= 2, point
+    assert CHAIN[-1][1] == STEPS
+
+
+def test_sigkill_at_every_training_point_then_resume_equals_uninterrupted(chain, zygote, capsys):
+    tmp, _, cfg = chain
+    run = tmp / "runs" / "chain"
+    for trial, (point, step) in enumerate(CHAIN):
+        argv = ["train", str(cfg)] + (["--resume"] if trial else [])
+        log = zygote.killed_at(argv, tmp / f"trial-{trial}.log", point, step)
+        if point == "after_update":  # the update of this step was applied; nothing of it was written
+            assert last_metric_step(run) == step - 1, log
+        check_after_kill(run, point, step)
+        print(f"kill {trial}: {point}@{step}: trajectory steps {[e['step'] for e in read_trajectory(run)]}, "
+              f"resume at {json.loads((find_resume(run) / 'position.json').read_text())['step'] if find_resume(run) else None}",
+              file=sys.__stderr__)  # capsys holds stdout
+        stale_lock_is_reported_then_cleared(cfg, run, capsys)
     # the real console entry point finishes the run
     proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg), "--resume"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "resuming" in proc.stdout
-    assert_same_as_reference(run, tmp_path / "runs" / "reference")
+    assert "resuming" in proc.stdout and "removed what a crash left behind" in proc.stdout
+    assert_same_as_reference(run, tmp / "runs" / "reference")
+
+
+@pytest.mark.parametrize("step,merge", [(8, True), (STEPS, False)])
+def test_sigkill_during_export_leaves_nothing_that_looks_complete(chain, zygote, step, merge):
+    tmp, _, _ = chain
+    ref = tmp / "runs" / "reference"
+    out, clean = tmp / f"export-{step}", tmp / f"export-{step}-clean"
+
+    def argv(folder):
+        return ["export", str(ref), "--step", str(step), "-o", str(folder)] + (["--merge"] if merge else [])
+
+    zygote.killed_at(argv(out), tmp / f"export-{step}.log", "export", step)
+    assert not out.exists(), "a killed export must not leave its output folder"
+    torn = out.with_name(f".tmp-{out.name}")
+    assert torn.is_dir()  # the torn weights live under the temp name, which no reader takes for an export
+    zygote.ok(argv(out), tmp / f"export-{step}-again.log")  # the same command again: the temp folder is replaced
+    assert not torn.exists()
+    zygote.ok(argv(clean), tmp / f"export-{step}-clean.log")
+    assert folder_files(out) == folder_files(clean)
+    meta = json.loads((out / "sftlab_export.json").read_text())
+    assert meta["step"] == step and meta["merged"] == merge
+
+
+@pytest.mark.parametrize("step", [12, STEPS])
+def test_sigkill_during_a_rewind_export(chain, zygote, step):
+    tmp, _, _ = chain
+    ref = str(tmp / "runs" / "reference")
+    out = tmp / f"rewind-{step}"
+    code = ("from sftlab.runs import Run\nfrom sftlab.interpolate import export_at\n"
+            "export_at(Run(ARGV[0]), ARGV[1], 0.5, ARGV[2], merge=True)")  # what `sftlab rewind --search -o` runs
+    zygote.killed_at([ref, step, str(out)], tmp / f"rewind-{step}.log", "rewind_export", step, code=code)
+    assert not out.exists() and out.with_name(f".tmp-{out.name}").is_dir()
+    zygote.ok([ref, step, str(out)], tmp / f"rewind-{step}-again.log", code=code)
+    clean = tmp / f"rewind-{step}-clean"
+    zygote.ok([ref, step, str(clean)], tmp / f"rewind-{step}-clean.log", code=code)
+    assert folder_files(out) == folder_files(clean)
+    assert json.loads((out / "sftlab_export.json").read_text())["alpha"] == 0.5
+
+
+def pipeline_config(tmp: Path, model_dir: Path, name: str) -> Path:
+    chats = write_jsonl(tmp / "chats.jsonl", memorisable_chats(12))
+    colours = ["red", "blue", "green", "black", "white", "pink"]
+    pairs = write_jsonl(tmp / "pairs.jsonl", [{"prompt": f"colour of item {i}?", "chosen": colours[i % 6],
+                                               "rejected": colours[(i + 1) % 6]} for i in range(12)])
+    common = {"model": {"path": str(model_dir)}, "logging": {"progress": False, "tensorboard": False},
+              "checkpoint": {"every": 3, "resume_every": 3}, "data": {"max_length": 64}}
+    pipe = {"output_dir": str(tmp / name), "stages": [
+        {"name": "sft", "config": {**common, "method": {"name": "lora", "r": 4},
+                                   "data": {"max_length": 64, "train": [{"path": str(chats)}]},
+                                   "train": {"steps": 6, "batch_size": 4, "lr": 1e-2, "threads": 1}}},
+        {"name": "dpo", "from": "sft", "config": {
+            **common, "method": {"name": "lora", "r": 4}, "objective": {"name": "dpo", "beta": 0.1},
+            "data": {"max_length": 64, "train": [{"path": str(pairs)}]},
+            "train": {"steps": 6, "batch_size": 4, "lr": 1e-2, "threads": 1}}}]}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(pipe))
+    return path
+
+
+def test_sigkill_between_pipeline_stages_and_in_the_dpo_reference_cache(chain, zygote):
+    tmp, model_dir, _ = chain
+    ref_cfg = pipeline_config(tmp, model_dir, "pipe-reference")
+    zygote.ok(["pipeline", str(ref_cfg)], tmp / "pipe-reference.log", env={"SFTLAB_CACHE": str(tmp / "cache-ref")})
+    cfg = pipeline_config(tmp, model_dir, "pipe")
+    folder, env = tmp / "pipe", {"SFTLAB_CACHE": str(tmp / "cache-pipe")}  # its own cache: it computes the reference
+    zygote.killed_at(["pipeline", str(cfg)], tmp / "pipe-1.log", "pipeline_stage", 1, env=env)
+    assert "sft" not in json.loads((folder / "pipeline_state.json").read_text() if
+                                   (folder / "pipeline_state.json").exists() else "{}")
+    # the DPO stage computes its reference log-probs once and caches them: killed mid-write, the torn temp
+    # file is never read as the cache (the two pipelines share the key: the same start point and pairs)
+    log = zygote.killed_at(["pipeline", str(cfg)], tmp / "pipe-2.log", "dpo_reference", None, env=env)
+    assert "stage sft: resuming" in log and "stage dpo: training" in log
+    torn = Path(log.split("sftlab-fault: SIGKILL at dpo_reference (")[1].split(" cut to half)")[0])
+    assert torn.name.startswith(".") and torn.name.endswith(".tmp")
+    assert not torn.with_name(torn.name[1:-4]).exists(), "the cache file appeared though its write was killed"
+    # the killed stage left only its lock: the rerun says so (one line, the command that clears it)
+    log = zygote.run(["pipeline", str(cfg)], tmp / "pipe-2b.log", env=env)["log"]
+    lock = folder / "dpo" / ".lock"
+    assert f"stale lock from a process that is gone" in log and f"rm {lock}" in log, log
+    lock.unlink()
+    log = zygote.killed_at(["pipeline", str(cfg)], tmp / "pipe-3.log", "pipeline_stage", 2, env=env)
+    assert "stage dpo: training" in log  # the folder is empty now: a fresh start
+    assert not (folder / "dpo" / ".lock").exists()  # its training had ended; only the pipeline's record is missing
+    log = zygote.ok(["pipeline", str(cfg)], tmp / "pipe-4.log", env=env)
+    assert "stage sft: finished earlier" in log and "stage dpo: resuming" in log
+    for stage in ("sft", "dpo"):
+        a, b = read_trajectory(folder / stage), read_trajectory(tmp / "pipe-reference" / stage)
+        assert [e["step"] for e in a] == [3, 6] and [e["sha256"] for e in a] == [e["sha256"] for e in b], stage
+    ref_prov = json.loads((tmp / "pipe-reference" / "dpo" / "provenance.json").read_text())
+    prov = json.loads((folder / "dpo" / "provenance.json").read_text())
+    assert prov["data"]["reference"]["status"] == "computed"  # the torn temp file was not taken for the cache
+    assert Path(ref_prov["data"]["reference"]["file"]).name == Path(prov["data"]["reference"]["file"]).name

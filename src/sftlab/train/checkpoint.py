@@ -14,7 +14,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from .. import tokens
 from ..errors import SftlabError
+from ..faults import fault
 from ..objectives import unwrap
 
 RESUME = "resume"
-# Test-only: seconds to sleep after a trajectory checkpoint's files are written and before the rename, so
-# a test can kill the process at that exact moment (tests/integration/test_crash.py). Never set it otherwise.
-PAUSE_ENV = "SFTLAB_TEST_PAUSE_CHECKPOINT"
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports ENOSPC/EACCES as its own error type
 
 
@@ -112,11 +109,12 @@ def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(model, peft, tmp, state)
+        fault("checkpoint_write", step, half_written=tmp)
         _fsync_tree(tmp)
         digest = hash_files(tmp)
         if before_rename is not None:  # test hook: a moment where the checkpoint is half-done
             before_rename(tmp)
-        _test_pause(tmp)
+        fault("checkpoint_rename", step)
         if final.exists():  # a rerun of a step after resume: replace the old copy (it has no line any more)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -128,19 +126,13 @@ def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | 
         raise
     entry = {"step": step, "path": str(final.relative_to(run_dir)), "sha256": digest, "time": time.time(),
              **(extra or {})}
+    fault("checkpoint_line", step)
     try:
         append_jsonl(run_dir / "trajectory.jsonl", entry)
     except OSError as e:  # no line, no checkpoint: do not leave a folder that looks complete
         shutil.rmtree(final, ignore_errors=True)
         raise write_error(run_dir, f"the trajectory line of {final.name}", e, run_dir) from e
     return entry
-
-
-def _test_pause(tmp: Path) -> None:
-    seconds = float(os.environ.get(PAUSE_ENV) or 0)
-    if seconds > 0:
-        print(f"sftlab-test: checkpoint paused before rename: {tmp}", file=sys.stderr, flush=True)
-        time.sleep(seconds)
 
 
 def write_error(folder: Path, what: str, e: BaseException, run_dir: Path, then: str = "") -> SftlabError:
@@ -244,6 +236,7 @@ def save_resume(run_dir: Path, model, optimizer, scheduler, position: dict, trai
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(trainable if trainable is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+        fault("resume_write", position.get("step"), half_written=tmp / "trainable.safetensors")
         _torch_save({"optimizer": optim_state if optim_state is not None else optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state(),
@@ -255,6 +248,7 @@ def save_resume(run_dir: Path, model, optimizer, scheduler, position: dict, trai
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
+        fault("resume_swap", position.get("step"))
         os.replace(tmp, final)  # a crash before this leaves .old-resume, which find_resume falls back to
         _fsync_dir(run_dir)
         shutil.rmtree(old, ignore_errors=True)

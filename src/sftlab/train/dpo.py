@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import tokens
+from ..faults import fault
 from ..data.collate import BatchPlan, pad_batch
 from ..data.formats import Record
 from ..data.preferences import Preference, read_preferences
@@ -237,6 +238,7 @@ def attach_reference(trainer, model) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"logps": table.contiguous()}, str(tmp), metadata={"start": trainer.start_id})
+            fault("dpo_reference", half_written=tmp)
             tmp.replace(path)
     for p, row in zip(pairs, table.tolist()):
         p.ref = (row[0], row[1])
