@@ -19,7 +19,7 @@ from .errors import SftlabError
 from .faults import fault
 from .methods import METHODS
 from .models import ModelRef, folder_hash, load_model, load_tokenizer, resolve_model
-from .train.checkpoint import read_trajectory
+from .train.checkpoint import WRITE_ERRORS, read_trajectory
 
 
 class Run:
@@ -207,12 +207,27 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         yield tmp
-    except BaseException:
+        if dest.exists():
+            dest.rmdir()
+        tmp.rename(dest)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WRITE_ERRORS):  # disk full, no permission: one line, not a traceback
+            raise export_write_error(dest, e) from e
         raise
-    if dest.exists():
-        dest.rmdir()
-    tmp.rename(dest)
+
+
+def export_write_error(dest: Path, e: BaseException) -> SftlabError:
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    where = dest.parent if dest.parent.exists() else Path.cwd()
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:,.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return SftlabError(f"{dest}: cannot write the export ({reason}; {free} there); nothing partial was kept and "
+                       "the run is unchanged. Free disk space or make the folder writable (or choose another "
+                       "output folder), then run the same command again")
 
 
 def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:

@@ -14,7 +14,6 @@ import pickle
 import resource
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -163,7 +162,7 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
 
 
 def test_a_1gb_line_is_refused_fast_without_reading_it(tmp_path, tiny_model_dir, capsys):
-    """A sparse 1 GiB file holding one JSONL line: refused at the line cap, in seconds, in little memory."""
+    """A sparse 1 GiB file holding one JSONL line: refused at the line cap, in little memory (never read whole)."""
     data = tmp_path / "huge.jsonl"
     with open(data, "wb") as f:
         f.write(b'{"prompt": "p", "completion": "c"}\n{"prompt": "')
@@ -176,10 +175,9 @@ def test_a_1gb_line_is_refused_fast_without_reading_it(tmp_path, tiny_model_dir,
                                     "model": {"path": str(tiny_model_dir)}, "data": {"train": [{"path": str(data)}]},
                                     "logging": {"progress": False, "tensorboard": False}}))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the peak so far
-    t0 = time.perf_counter()
+    # No time bar (machines differ 2x and more): the memory bar below is what shows the line was not read whole.
     run_and_check(path, out, f"{data}:2", ["line longer than 16 MiB", "split the line into records or remove it"],
                   capsys)
-    assert time.perf_counter() - t0 < 10
     grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grew_mib < 200, f"peak memory grew by {grew_mib:.0f} MiB: the line was read whole"
 

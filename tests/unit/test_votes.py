@@ -379,7 +379,8 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     from sftlab.data.votes import PairRules, build_pairs
     t = time.perf_counter()
-    r = build_pairs(sys.argv[2:], sys.argv[1], PairRules(max_pairs_per_post=1))
+    out = sys.argv[1]  # the on-disk index goes beside it: one filesystem, the one checked for free space
+    r = build_pairs(sys.argv[2:], out, PairRules(max_pairs_per_post=1), index_dir=out.rsplit("/", 1)[0])
     # VmHWM: this process image's own peak. (ru_maxrss survives fork+exec: under a big pytest process it reports
     # the parent's size, 2.5 GB in a full-suite run, not the builder's.)
     hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
@@ -401,8 +402,20 @@ def _peak(folder: Path, mb: int) -> dict:
     return result
 
 
+# The largest dump (400 MB), its on-disk index (about as large again) and the pairs written: what the
+# test needs free where pytest keeps its temporary folders.
+DISK_NEEDED_MB = 1200
+
+
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_input(tmp_path):
+    import shutil
+
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    assert free_mb >= DISK_NEEDED_MB, (
+        f"this test writes a 400 MB Reddit dump and its on-disk index under {tmp_path}: it needs "
+        f"{DISK_NEEDED_MB} MB free there and found {free_mb:.0f} MB; free disk space or point pytest's "
+        "--basetemp at a larger filesystem")
     small = _peak(tmp_path / "small", 100)
     large = _peak(tmp_path / "large", 400)
     print(f"\n100 MB: {small}\n400 MB: {large}")
