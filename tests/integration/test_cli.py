@@ -131,7 +131,7 @@ def test_bad_data_exits_2_with_one_line_naming_file_and_line(tmp_path, tiny_mode
     bad.write_text(f"{good}\n{good}\n{{\"messages\": [\n{good}\n")
     cfg = write_config(tmp_path, tiny_model_dir, bad)
     proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(cfg)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -59,7 +59,7 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, method, monkeypatch):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "sftlab.cli", "train", str(ddp_cfg)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trainable of") == 1, "only rank 0 reports"
 

@@ -61,7 +61,7 @@ def launch(tmp_path, cfg_path, how: str):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "sftlab.cli", "train", str(cfg_path)]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
 def last_weights(run_dir, peft: bool) -> dict:

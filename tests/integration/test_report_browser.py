@@ -38,7 +38,7 @@ def chromium() -> str:
     return exe
 
 
-def run_chromium(page: Path, *args: str, fragment: str = "", timeout: float = 60) -> tuple[str, list[str]]:
+def run_chromium(page: Path, *args: str, fragment: str = "", timeout: float = 300) -> tuple[str, list[str]]:
     """(stdout, console messages) of one headless Chromium run on a local file (at `#fragment`)."""
     with tempfile.TemporaryDirectory(prefix="sftlab-chromium-") as profile:
         cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

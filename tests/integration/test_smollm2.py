@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "examples" / "data" / "wiki_topics_train.jsonl"
 
 
-def sftlab(*args: str, input: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def sftlab(*args: str, input: str | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True, input=input,
                           timeout=timeout, env=env)

@@ -179,7 +179,7 @@ def test_report_imports_neither_torch_nor_training(run):
     code = (f"import sys; from sftlab.report import render_report; render_report({str(run)!r}); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('sftlab.train', 'transformers'))]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
 
 
 def test_symlog_axis_for_values_spanning_decades():
