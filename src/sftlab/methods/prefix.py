@@ -1,9 +1,20 @@
-"""Prefix tuning (Li & Liang 2021): learned key/value prefixes at every layer."""
+"""Prefix tuning (Li & Liang 2021): learned key/value prefixes at every layer.
+
+A fair start (init: text, the default): the prefix begins as the keys and values the base model itself
+computes for real tokens (Li & Liang report that initialising with real words' activations trains better
+than random), not PEFT's random vectors. The tokens are `init_text`'s last `num_virtual_tokens` (repeated
+when it is shorter; prompt.text_token_ids). Their keys carry the rotary positions 0..n-1 and the row's own
+tokens then sit at n, n+1, ... (PEFT extends the attention mask and the cache), so the fresh prefix makes
+the model compute exactly what the base computes for `init_text` followed by the row. On the demo it
+starts at KL 0.22 to the base instead of 3.84 nats/token (README, Methods).
+"""
 
 from dataclasses import dataclass
+from typing import Literal
 
-from ..configtools import check, doc
+from ..configtools import ConfigError, check, doc
 from .base import Method, peft_wrap, register_method
+from .prompt import NEUTRAL_TEXT, on_meta, text_token_ids
 
 
 @dataclass
@@ -11,9 +22,14 @@ class PrefixOptions:
     num_virtual_tokens: int = doc("length of the learned prefix", default=16)
     projection: bool = doc("reparametrise the prefix through an MLP (more stable, more parameters)", default=False)
     encoder_hidden_size: int = doc("hidden size of that MLP", default=256)
+    init: Literal["text", "random"] = doc("start from the base's own keys and values for init_text, or from "
+                                          "PEFT's random vectors (projection: always random)", default="text")
+    init_text: str = doc("text whose keys and values start the prefix (init: text; repeated or cut from "
+                         "the front to num_virtual_tokens tokens)", default=NEUTRAL_TEXT)
 
     def __post_init__(self):
         check(self.num_virtual_tokens >= 1, "method.num_virtual_tokens", "must be >= 1")
+        check(self.init != "text" or bool(self.init_text), "method.init_text", "set it when init is 'text'")
 
 
 def apply(model, o: PrefixOptions, token_indices: dict[str, list[int]] | None = None):
@@ -21,7 +37,48 @@ def apply(model, o: PrefixOptions, token_indices: dict[str, list[int]] | None = 
 
     cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=o.num_virtual_tokens,
                              prefix_projection=o.projection, encoder_hidden_size=o.encoder_hidden_size)
-    return peft_wrap(model, cfg, token_indices)
+    model = peft_wrap(model, cfg, token_indices)
+    if o.init == "text" and not o.projection and not on_meta(model):
+        init_from_text(model, text_token_ids(model, o.init_text, o.num_virtual_tokens))
+    return model
+
+
+def base_key_values(base, ids: list[int]):
+    """The base's keys and values for `ids` at positions 0..n-1: (layers, 2, kv_heads, n, head_dim)."""
+    import torch
+
+    emb = base.get_input_embeddings().weight
+    with torch.no_grad():
+        out = base(input_ids=torch.tensor([ids], device=emb.device), use_cache=True)
+    cache = out.cache if "cache" in out else out.past_key_values  # transformers >= 5.2x renamed it
+    layers = getattr(cache, "layers", None)
+    pairs = ([(lay.keys, lay.values) for lay in layers] if layers is not None
+             else [(cache[i][0], cache[i][1]) for i in range(len(cache))])  # older transformers: tuples
+    return torch.stack([torch.stack([k[0], v[0]]) for k, v in pairs])  # (L, 2, H_kv, n, D)
+
+
+def init_from_text(model, ids: list[int]) -> None:
+    """Set the PEFT prefix to the base's own keys and values for `ids` (len(ids) == num_virtual_tokens).
+
+    PEFT's get_prompt views the embedding (n, L*2*H_kv*D) as (n, L*2, H_kv, D) and hands layer l the slices
+    2l (keys) and 2l + 1 (values), so the layout is (n, L, 2, H_kv, D) flattened."""
+    import torch
+
+    encoder = model.prompt_encoder[model.active_adapter]
+    weight = encoder.embedding.weight  # (n, L*2*H_kv*D)
+    base = model.get_base_model()  # prompt learning leaves the base's modules untouched
+    was_training = base.training
+    base.eval()  # no dropout in the keys and values
+    try:
+        kv = base_key_values(base, ids)  # (L, 2, H_kv, n, D)
+    finally:
+        base.train(was_training)
+    flat = kv.permute(3, 0, 1, 2, 4).reshape(len(ids), -1)  # (n, L*2*H_kv*D)
+    if flat.shape != weight.shape:
+        raise ConfigError(f"method.init: the base's keys and values for init_text have shape {tuple(flat.shape)}, "
+                          f"the prefix {tuple(weight.shape)}; set method.init: random")
+    with torch.no_grad():
+        weight.copy_(flat.to(weight.dtype))
 
 
 register_method(Method("prefix", PrefixOptions, apply, "prefix tuning (learned per-layer key/value prefixes)",
