@@ -34,7 +34,8 @@ class TrialResult:
     seed: int
     points: list[Point]
     trainable: int = 0
-    stats: dict = field(default_factory=dict)  # tokens_per_s, peak_mem_mb, wall_s
+    # tokens_per_s, tokens, trained_tokens, peak_mem_mb (+ peak_scope, peak_gpu_mb), wall_s, cpu_s
+    stats: dict = field(default_factory=dict)
 
 
 def trial_summary(t: TrialResult, ref: tuple[float, float], ideal: tuple[float, float]) -> dict:
@@ -116,12 +117,23 @@ def _unorient(v: float, p: Point, axis: str) -> float:
     return orient(v, p.meta.get(f"{axis}_higher_is_better", True))
 
 
+# What a trial cost, as the arena measured it (sftlab.arena.runner.run_stats), with units for the tables.
+RESOURCES = ("tokens_per_s", "tokens", "trained_tokens", "peak_mem_mb", "peak_gpu_mb", "wall_s", "cpu_s")
+UNITS = {"tokens_per_s": "tokens/s", "tokens": "tokens", "trained_tokens": "tokens", "peak_mem_mb": "MB",
+         "peak_gpu_mb": "MB", "wall_s": "s", "cpu_s": "CPU s"}
+RESOURCE_NOTE = ("peak MB: the trial's own peak resident memory (VmHWM reset before each trial: the process's "
+                 "baseline at the trial's start plus what the trial added; MB = 2^20 bytes); GPU MB: the CUDA "
+                 "allocator's peak\nwall s / CPU s: the trial's wall-clock and CPU (user + system, all threads) "
+                 "seconds; tokens: non-padding tokens trained on; with several seeds these are means")
+
+
 def _row(kept: list[dict]) -> dict:
     first = kept[0]
     row = {"method": first["method"], "budget": first["budget"], "trainable_params": first["trainable_params"],
            "lr": sorted({s["lr"] for s in kept}), "seeds": len(kept)}
-    for col in ("final_task", "final_retention", "hypervolume", "tokens_per_s", "peak_mem_mb", "wall_s"):
+    for col in ("final_task", "final_retention", "hypervolume", *RESOURCES):
         row[col], row[col + "_sd"] = _mean_sd([s.get(col) for s in kept])
+    row["peak_scope"] = "process" if any(s.get("peak_scope") == "process" for s in kept) else "trial"
     row["final_dominated"] = sum(s["final_dominated"] for s in kept)
     row["knee"] = [{"seed": s["seed"], "step": s["knee_step"], "task": s["knee_task"],
                     "retention": s["knee_retention"]} for s in kept]
@@ -142,26 +154,37 @@ def format_leaderboard(board: dict) -> str:
     rows = board.get("rows", [])
     if not rows:
         return "leaderboard: no finished trial with both scores"
+    gpu = any(_finite(r.get("peak_gpu_mb")) for r in rows)
     head = (f"{'method':<8}{'budget':>9}{'trainable':>12}{'lr':>10}  {board['task'][:18]:>18}  "
             f"{board['retention'][:18]:>18}  {'knee step':>9}{'overshoot':>10}{'HV':>12}{'tok/s':>9}"
-            f"{'peak MB':>9}{'wall s':>8}")
+            f"{'peak MB':>9}" + (f"{'GPU MB':>8}" if gpu else "") + f"{'wall s':>8}{'CPU s':>8}{'tokens':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         knees = ",".join(str(k["step"]) for k in r["knee"])
         overshot = f"{r['final_dominated']}/{r['seeds']}"
+        peak = _num(r.get("peak_mem_mb"), None, "{:.0f}") + ("" if r.get("peak_scope", "trial") == "trial" else "*")
         lines.append(
             f"{r['method']:<8}{_budget(r['budget']):>9}{r['trainable_params']:>12,}"
             f"{','.join(f'{x:g}' for x in r['lr']):>10}  {_num(r['final_task'], r['final_task_sd'], '{:.4g}'):>18}  "
             f"{_num(r['final_retention'], r['final_retention_sd'], '{:.4g}'):>18}  {knees:>9}"
             f"{overshot:>10}{_num(r['hypervolume'], r['hypervolume_sd']):>12}"
-            f"{_num(r['tokens_per_s'], None, '{:.0f}'):>9}{_num(r['peak_mem_mb'], None, '{:.0f}'):>9}"
-            f"{_num(r['wall_s'], None, '{:.0f}'):>8}")
+            f"{_num(r.get('tokens_per_s'), None, '{:.0f}'):>9}{peak:>9}"
+            + (f"{_num(r.get('peak_gpu_mb'), None, '{:.0f}'):>8}" if gpu else "")
+            + f"{_num(r.get('wall_s'), None, '{:.0f}'):>8}{_num(r.get('cpu_s'), None, '{:.0f}'):>8}"
+            f"{_num(r.get('tokens'), None, '{:,.0f}'):>10}")
     ref = ", ".join(f"{v:.4g}" for v in board["reference_point"])
     lines += ["", f"learning rate per method: {board['rule']}; with several seeds: mean±sd over seeds",
               "overshoot: seeds whose final checkpoint an earlier one dominates beyond its confidence interval",
               f"HV: hypervolume, {board['normalisation']}; reference point ({board['task']}, {board['retention']}) "
-              f"= ({ref})"]
+              f"= ({ref})", RESOURCE_NOTE]
+    if any(r.get("peak_scope", "trial") != "trial" for r in rows):
+        lines.append("* process-wide peak (the high-water mark since the process started, not the trial's own): "
+                     "this system could not reset it per trial (/proc/self/clear_refs)")
     return "\n".join(lines)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(v)
 
 
 def _budget(b) -> str:

@@ -8,6 +8,10 @@ Rerunning is resuming: a trial whose run directory has the same config hash and 
 checkpoint is skipped; one interrupted part-way is resumed from its last checkpoint; one whose config
 changed is moved aside (NAME.stale-TIME) and run again. A failed trial is recorded with its error
 (and ARENA/trials/NAME.error.txt holds the traceback) and the others go on.
+
+Each trial's own resources (sftlab.resources.Meter) go into its arena.json record: its peak resident
+memory (the high-water mark is reset before the trial, so it is the process's baseline plus what the
+trial added, not the largest trial so far), wall and CPU seconds; the leaderboard adds its tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import SftlabError
+from ..resources import Meter, release_free_memory
 from .leaderboard import TrialResult, build_leaderboard, format_leaderboard
 from .plan import ArenaSection, Trial, arena_from_dict, load_arena, plan_trials, trial_hash, trials_table
 
@@ -56,7 +61,9 @@ def _raw_lines(d: Path) -> list[dict]:
 
 
 def run_trial(trial: Trial, state: str) -> dict:
-    """Train (or resume) one trial in this process; returns its record (status, seconds, error)."""
+    """Train (or resume) one trial in this process; returns its record: status, error, and what the trial cost
+    (seconds: wall, cpu_s, peak_mem_mb: resident peak in MB, start_mem_mb: the resident baseline it started
+    from, peak_scope: "trial" or "process", peak_gpu_mb)."""
     from ..train.loop import Trainer
 
     d = trial.cfg.run_dir
@@ -67,7 +74,8 @@ def run_trial(trial: Trial, state: str) -> dict:
     resume = state == "partial" and (d / "resume").is_dir()
     if state == "partial" and not resume:
         shutil.rmtree(d)  # stopped before its first checkpoint: nothing to keep
-    t0 = time.time()
+    _free_memory()  # what an earlier trial (or the planning) left behind is not this trial's
+    meter, error = Meter().start(), None
     try:
         Trainer(trial.cfg, resume=resume).run()
     except KeyboardInterrupt:
@@ -75,17 +83,28 @@ def run_trial(trial: Trial, state: str) -> dict:
     except Exception as e:  # a failed trial must not stop the others
         d.parent.mkdir(parents=True, exist_ok=True)
         (d.parent / f"{trial.name}.error.txt").write_text(traceback.format_exc(), encoding="utf-8")
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
-                "seconds": round(time.time() - t0, 1)}
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:500]
     finally:
+        used = _usage(meter)
         _free_memory()
-    return {"status": "done", "error": None, "seconds": round(time.time() - t0, 1), "resumed": resume}
+    if error:
+        return {"status": "failed", "error": error, **used}
+    return {"status": "done", "error": None, **used, "resumed": resume}
+
+
+USAGE_KEYS = ("seconds", "cpu_s", "peak_mem_mb", "start_mem_mb", "peak_gpu_mb", "peak_scope")
+
+
+def _usage(meter: Meter) -> dict:
+    u = meter.stop()
+    return {"seconds": round(u.pop("wall_s"), 1), **u}
 
 
 def _free_memory() -> None:
     import gc
 
     gc.collect()
+    release_free_memory()
     try:
         import torch
 
@@ -128,6 +147,7 @@ def run_arena(path: str | dict, overrides: list[str] = (), plan_only: bool = Fal
             _write_arena(folder, arena, base, trials, records)
             if records[t.name]["status"] == "failed":
                 print(f"arena: {t.name} failed: {records[t.name]['error']} (traceback: trials/{t.name}.error.txt)")
+            print(f"arena: {t.name}: {describe_usage(records[t.name])}", flush=True)
     _write_arena(folder, arena, base, trials, records)
     board = leaderboard_for(folder)
     print("\n" + format_leaderboard(board))
@@ -142,7 +162,7 @@ def _load_records(folder: Path) -> dict:
     if not p.is_file():
         return {}
     try:
-        return {t["name"]: {k: t.get(k) for k in ("status", "error", "seconds")} for t in json.loads(
+        return {t["name"]: {k: t.get(k) for k in ("status", "error", *USAGE_KEYS) if k in t} for t in json.loads(
             p.read_text(encoding="utf-8")).get("trials", [])}
     except (ValueError, KeyError, TypeError):
         return {}
@@ -175,25 +195,53 @@ def leaderboard_for(folder: str | Path) -> dict:
         except SftlabError:
             continue
         results.append(TrialResult(t["name"], t["method"], t["budget"], t["lr"], t["seed"], points,
-                                   t.get("trainable_params", 0), _run_stats(d, t.get("seconds"))))
+                                   t.get("trainable_params", 0), run_stats(d, t)))
     board = build_leaderboard(results, arena.get("lr_rule", "hypervolume"), arena.get("task", ""),
                               arena.get("retention", ""))
     write_json_atomic(folder / "leaderboard.json", board)
     return board
 
 
-def _run_stats(d: Path, seconds) -> dict:
-    """Mean tokens/s (first step excluded: warm-up), peak memory, wall time of the trial."""
-    rows = []
+def describe_usage(rec: dict) -> str:
+    """One line: wall and CPU seconds, peak memory with its scope."""
+    gpu = f", GPU peak {rec['peak_gpu_mb']:.0f} MB" if rec.get("peak_gpu_mb") is not None else ""
+    scope = "" if rec.get("peak_scope") == "trial" else " (process-wide: the peak could not be reset per trial)"
+    start = f" (resident at its start: {rec['start_mem_mb']:.0f} MB)" if rec.get("start_mem_mb") is not None else ""
+    return (f"{rec.get('seconds', 0):.1f} s wall, {rec.get('cpu_s', 0):.1f} CPU s, peak resident memory "
+            f"{rec.get('peak_mem_mb', 0):.0f} MB{start}{scope}{gpu}")
+
+
+def run_stats(d: Path, record: dict) -> dict:
+    """A trial's mean tokens/s (first step excluded: warm-up), tokens, peak memory, wall and CPU seconds.
+
+    Peaks, wall and CPU seconds come from its arena.json record (measured around the trial); a record
+    without them (written by an older sftlab) falls back to metrics.jsonl's peak, marked process-wide.
+    Tokens: non-padding tokens of the logged steps (each step once, a resumed run's repeats not counted
+    twice); trained_tokens: those with a label (the completion)."""
+    steps: dict = {}
     p = d / "metrics.jsonl"
     for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
         try:
             r = json.loads(line)
         except ValueError:
             continue
-        if "tokens_per_s" in r:
-            rows.append(r)
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            steps[r.get("step")] = r
+    rows = list(steps.values())
     steady = rows[1:] or rows
-    tps = sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else float("nan")
-    peak = max((r.get("peak_mem_mb", 0) for r in rows), default=float("nan"))
-    return {"tokens_per_s": tps, "peak_mem_mb": peak, "wall_s": seconds if seconds is not None else float("nan")}
+    nan = float("nan")
+    out = {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else nan,
+           "tokens": sum(r.get("tokens", 0) for r in rows) if rows else nan,
+           "trained_tokens": sum(r.get("trained_tokens", 0) for r in rows) if rows else nan,
+           "wall_s": _finite(record.get("seconds")), "cpu_s": _finite(record.get("cpu_s"))}
+    if record.get("peak_mem_mb") is not None:
+        out.update(peak_mem_mb=record["peak_mem_mb"], peak_scope=record.get("peak_scope", "process"))
+        if record.get("peak_gpu_mb") is not None:
+            out["peak_gpu_mb"] = record["peak_gpu_mb"]
+    else:
+        out.update(peak_mem_mb=max((r.get("peak_mem_mb", 0) for r in rows), default=nan), peak_scope="process")
+    return out
+
+
+def _finite(v) -> float:
+    return float(v) if isinstance(v, (int, float)) else float("nan")

@@ -152,20 +152,58 @@ def leaderboard(data: ReportData) -> str | None:
     meta = [("task", board.get("task")), ("retention", board.get("retention")),
             ("normalisation", board.get("normalisation")), ("reference point", board.get("reference_point"))]
     info = "; ".join(f"{esc(k)}: <b>{esc(fmt(v))}</b>" for k, v in meta if v is not None)
+    note = RESOURCE_NOTE if any(c in RESOURCE_LABELS for c in cols) else ""
     return (f"<p>{info}</p>" if info else "") + table(
-        [esc(c) for c in cols], [[esc(fmt(r.get(c))) for c in cols] for r in rows], "num")
+        [esc(column_label(c)) for c in cols], [[esc(fmt(r.get(c))) for c in cols] for r in rows], "num") + note
+
+
+# What a trial cost (measured by the arena around each trial), with its unit: leaderboard.json's names.
+RESOURCE_LABELS = {"tokens_per_s": "mean tokens/s", "tokens": "tokens", "trained_tokens": "trained tokens",
+                   "peak_mem_mb": "peak memory (MB)", "peak_gpu_mb": "peak GPU memory (MB)", "wall_s": "wall (s)",
+                   "cpu_s": "CPU (s)", "peak_scope": "peak measured over"}
+RESOURCE_NOTE = ('<p class="dim">Peak memory: the trial\'s own peak resident memory (the kernel\'s high-water '
+                 "mark, VmHWM, reset before each trial: the process's baseline at the trial's start plus what the "
+                 "trial added; MB = 2^20 bytes). &ldquo;process&rdquo; in &ldquo;peak measured over&rdquo;: the "
+                 "mark could not be reset, so the figure is the process's peak since it started. GPU memory: the "
+                 "CUDA allocator's peak. Wall and CPU seconds (user + system, all threads) are the trial's own; "
+                 "tokens: non-padding tokens trained on (trained tokens: those with a label).</p>")
+
+
+def column_label(col: str) -> str:
+    """A leaderboard column's name with its unit ("peak_mem_mb_sd" -> "peak memory (MB) sd")."""
+    if col in RESOURCE_LABELS:
+        return RESOURCE_LABELS[col]
+    if col.endswith("_sd") and col[:-3] in RESOURCE_LABELS:
+        return RESOURCE_LABELS[col[:-3]] + " sd"
+    return col
 
 
 TRIAL_COLUMNS = ("name", "method", "budget", "lr", "seed", "status", "trainable_params", "error")
+# (label, leaderboard trial key, arena.json record key): the leaderboard's figures first (they carry tokens),
+# the record's for a trial the leaderboard leaves out (failed, or without both scores)
+TRIAL_RESOURCES = (("peak memory (MB)", "peak_mem_mb", "peak_mem_mb"), ("peak measured over", "peak_scope",
+                   "peak_scope"), ("wall (s)", "wall_s", "seconds"), ("CPU (s)", "cpu_s", "cpu_s"),
+                   ("tokens", "tokens", None))
 
 
 def trials(data: ReportData) -> str | None:
     rows = [t for t in (data.arena or {}).get("trials", []) if isinstance(t, dict)]
     if not rows:
         return None
+    board = {s.get("trial"): s for s in (data.leaderboard or {}).get("trials", []) if isinstance(s, dict)}
+    res = [c for c in TRIAL_RESOURCES if any(_trial_cost(t, board, c) is not None for t in rows)]
     cells = [[f'<span class="status-{esc(t.get("status"))}">{esc(fmt(t.get(c)))}</span>' if c == "status"
-              else esc(fmt(t.get(c))) for c in TRIAL_COLUMNS] for t in rows]
-    return table([esc(c) for c in TRIAL_COLUMNS], cells)
+              else esc(fmt(t.get(c))) for c in TRIAL_COLUMNS]
+             + [esc(fmt(_trial_cost(t, board, c))) for c in res] for t in rows]
+    return table([esc(c) for c in TRIAL_COLUMNS] + [esc(c[0]) for c in res], cells) + (RESOURCE_NOTE if res else "")
+
+
+def _trial_cost(t: dict, board: dict, col: tuple):
+    _, board_key, record_key = col
+    v = (board.get(t.get("name")) or {}).get(board_key)
+    if v is None or (isinstance(v, float) and not finite(v)):
+        v = t.get(record_key) if record_key else None
+    return v
 
 
 def score_table(r: RunData, task: str | None, retention: str | None) -> str | None:
