@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..data.collate import BatchPlan, pad_batch
 from ..data.prepare import Prepared, prepare_data
 from ..errors import DataError, ModelError, SftlabError
+from ..faults import fault
 from ..methods import METHODS
 from ..models import load_model, load_tokenizer, resolve_model
 from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
@@ -340,6 +341,10 @@ class Trainer:
             from ..scoring import ScoreCallback
 
             cbs.insert(0, ScoreCallback(self))
+        if cfg.quantization.enabled:  # after the scoring passes: gradients still reach the adapter (quantize.py)
+            from ..quantize import GradientGuard
+
+            cbs.append(GradientGuard(self.model))
         for cb in cbs:
             getattr(cb, "on_train_start", lambda step: None)(self.pos["step"])
         if d.main:
@@ -357,6 +362,7 @@ class Trainer:
             metrics = self.train_step(self.next_micro_batches())
             self.pos["step"] += 1
             step = self.pos["step"]
+            fault("after_update", step)
             self._count_bad(metrics)
             dt = time.time() - t0
             metrics.update(step_time=dt, tokens_per_s=metrics["tokens"] / dt,
