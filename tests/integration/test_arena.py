@@ -39,17 +39,21 @@ def arena_config(tmp: Path, model_dir: Path, **arena) -> Path:
     return path
 
 
-def test_plan_matches_budgets_and_refuses(tmp_path, tiny_model_dir):
+def test_plan_matches_budgets_caps_and_refuses(tmp_path, tiny_model_dir):
     arena, base = load_arena(arena_config(tmp_path, tiny_model_dir, methods=["lora", "prefix", "prompt", "ia3"],
                                           lrs={}))
     trials = plan_trials(arena, base)
     assert {t.lr for t in trials if t.method == "lora"} == {3e-4, 1e-3, 3e-3}  # the default sweep: 3 rates
     for t in trials:
-        if t.method == "ia3":  # at most one vector per projection: far below 4k on this model
-            assert t.refused and "closest" in t.note
+        if t.method == "ia3":  # at most one vector per projection, far below 4k: capped there and flagged
+            assert not t.refused and t.capped and t.record()["capped"] and "capped" in t.note
+            assert t.trainable < 4000 * 0.9
         else:
-            assert not t.refused and abs(t.trainable - 4000) / 4000 <= 0.10, (t.name, t.trainable)
+            assert not t.refused and not t.capped and abs(t.trainable - 4000) / 4000 <= 0.10, (t.name, t.trainable)
     assert len({t.hash for t in trials if not t.refused}) == len([t for t in trials if not t.refused])
+    # below a method's smallest setting there is nothing to cap to: refused, naming the closest
+    arena, base = load_arena(arena_config(tmp_path, tiny_model_dir, methods=["prefix"], budgets=["10"], lrs={}))
+    assert all(t.refused and "closest" in t.note for t in plan_trials(arena, base))
 
 
 def test_arena_runs_ranks_and_resumes(tmp_path, tiny_model_dir, monkeypatch, capsys):

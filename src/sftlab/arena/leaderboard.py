@@ -134,6 +134,10 @@ def _row(kept: list[dict]) -> dict:
     for col in ("final_task", "final_retention", "hypervolume", *RESOURCES):
         row[col], row[col + "_sd"] = _mean_sd([s.get(col) for s in kept])
     row["peak_scope"] = "process" if any(s.get("peak_scope") == "process" for s in kept) else "trial"
+    # Off the budget by more than the solver's tolerance: a method capped at its largest setting (the arena
+    # plan's `capped`, prompt tuning at a large budget) or accepted with a warning; flagged, never hidden.
+    b = first["budget"]
+    row["off_budget"] = bool(b) and abs(first["trainable_params"] - b) > 0.10 * b
     row["final_dominated"] = sum(s["final_dominated"] for s in kept)
     row["knee"] = [{"seed": s["seed"], "step": s["knee_step"], "task": s["knee_task"],
                     "retention": s["knee_retention"]} for s in kept]
@@ -164,7 +168,8 @@ def format_leaderboard(board: dict) -> str:
         overshot = f"{r['final_dominated']}/{r['seeds']}"
         peak = _num(r.get("peak_mem_mb"), None, "{:.0f}") + ("" if r.get("peak_scope", "trial") == "trial" else "*")
         lines.append(
-            f"{r['method']:<8}{_budget(r['budget']):>9}{r['trainable_params']:>12,}"
+            f"{r['method']:<8}{_budget(r['budget']):>9}"
+            f"{format(r['trainable_params'], ',') + ('!' if r.get('off_budget') else ''):>12}"
             f"{','.join(f'{x:g}' for x in r['lr']):>10}  {_num(r['final_task'], r['final_task_sd'], '{:.4g}'):>18}  "
             f"{_num(r['final_retention'], r['final_retention_sd'], '{:.4g}'):>18}  {knees:>9}"
             f"{overshot:>10}{_num(r['hypervolume'], r['hypervolume_sd']):>12}"
@@ -177,6 +182,9 @@ def format_leaderboard(board: dict) -> str:
               "overshoot: seeds whose final checkpoint an earlier one dominates beyond its confidence interval",
               f"HV: hypervolume, {board['normalisation']}; reference point ({board['task']}, {board['retention']}) "
               f"= ({ref})", RESOURCE_NOTE]
+    if any(r.get("off_budget") for r in rows):
+        lines.append("! trainable more than 10% off the budget: the method cannot reach it sensibly and is capped "
+                     "at its largest setting (arena.json: capped, note), or was accepted with a warning")
     if any(r.get("peak_scope", "trial") != "trial" for r in rows):
         lines.append("* process-wide peak (the high-water mark since the process started, not the trial's own): "
                      "this system could not reset it per trial (/proc/self/clear_refs)")

@@ -34,7 +34,9 @@ class ArenaSection:
                              default_factory=lambda: ["full", "lora", "oft", "prefix", "prompt"])
     method_options: dict[str, dict] = doc("per method, options fixed before the budget solver picks the rest, "
                                           "e.g. {lora: {dropout: 0.05}}", default_factory=dict)
-    budgets: list[str] = doc("trainable-parameter budgets, e.g. [1M] or [500k, 2M]",
+    budgets: list[str] = doc("trainable-parameter budgets: counts, e.g. [1M] or [500k, 2M], or shares of the "
+                             "base's parameters, e.g. ['1%']; a method that cannot reach one is capped at "
+                             "its largest setting and flagged",
                              default_factory=lambda: ["1M"])
     seeds: list[int] = doc("seeds; each (method, budget, lr) runs once per seed", default_factory=lambda: [0])
     lrs: dict[str, list[float]] = doc("per method, the learning rates to sweep (absent: the method's default "
@@ -75,6 +77,7 @@ class Trial:
     setting: str = ""  # the budget solver's one-line description
     note: str = ""  # a warning (budget outside 10%) or why the trial is refused
     hash: str = ""
+    capped: bool = False  # the budget is beyond the method's reach: trained at its largest setting (note says)
 
     @property
     def refused(self) -> bool:
@@ -83,7 +86,7 @@ class Trial:
     def record(self) -> dict:
         return {"name": self.name, "method": self.method, "budget": self.budget, "lr": self.lr, "seed": self.seed,
                 "trainable_params": self.trainable, "setting": self.setting, "note": self.note, "hash": self.hash,
-                "run_dir": f"trials/{self.name}"}
+                "capped": self.capped, "run_dir": f"trials/{self.name}"}
 
 
 def load_arena(path: str | Path, overrides: list[str] = ()) -> tuple[ArenaSection, dict]:
@@ -124,9 +127,11 @@ def lr_grid(arena: ArenaSection, method: str) -> list[float]:
     return [float(f"{base * f:.3g}") for f in arena.lr_factors]
 
 
-def _short(n: int | None) -> str:
+def _short(n: int | None, text: str = "") -> str:
     if n is None:
         return "ref"
+    if text.strip().endswith("%"):  # a share of the base: named as asked
+        return text.strip()[:-1] + "pct"
     for unit, div in (("M", 1e6), ("k", 1e3)):
         if n >= div:
             return f"{n / div:g}{unit}"
@@ -136,10 +141,11 @@ def _short(n: int | None) -> str:
 def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial]:
     """Every (method, budget, lr, seed), each with a validated config (or refused, with the reason)."""
     from ..methods import METHODS
-    from ..methods.budget import BudgetError, parse_count, solve_budget
+    from ..methods.budget import BudgetError, budget_count, solve_budget
 
     shape = model_shape if model_shape is not None else base.get("model", {}).get("path", "")
-    budgets = [parse_count(b) for b in arena.budgets]
+    budgets = [budget_count(str(b), shape) for b in arena.budgets]
+    labels = {n: str(b) for n, b in zip(budgets, arena.budgets)}
     packing = bool((base.get("data") or {}).get("packing", False))
     if packing and not all(METHODS.get("lora" if m == "dora" else m).packing for m in arena.methods):
         packing = False  # prefix/prompt cannot pack; every trial pads, so all see the same rows
@@ -147,13 +153,13 @@ def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial
     for method in arena.methods:
         for budget in ([None] if method == "full" else budgets):
             try:
-                sol = solve_budget(shape, method, budget or 1, arena.method_options.get(method))
+                sol = solve_budget(shape, method, budget or 1, arena.method_options.get(method), cap=True)
                 section, note = sol.section(), sol.warning if method != "full" else ""
             except BudgetError as e:
                 sol, section, note = None, None, str(e)
             for lr in lr_grid(arena, method):
                 for seed in arena.seeds:
-                    name = f"{method}-{_short(budget)}-lr{lr:g}-s{seed}"
+                    name = f"{method}-{_short(budget, labels.get(budget, ''))}-lr{lr:g}-s{seed}"
                     trials.append(_trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena))
     return trials
 
@@ -167,13 +173,15 @@ def _trial(name, method, budget, lr, seed, base, section, sol, note, packing, ar
     d.setdefault("data", {})["packing"] = packing
     d["run"] = {**(d.get("run") or {}), "name": name, "seed": seed, "output_dir": str(arena.folder / "trials")}
     cfg = config_from_dict(d)
-    return Trial(name, method, budget, lr, seed, cfg, sol.trainable, sol.description, note, trial_hash(cfg))
+    return Trial(name, method, budget, lr, seed, cfg, sol.trainable, sol.description, note, trial_hash(cfg),
+                 sol.capped)
 
 
 def trials_table(trials: list[Trial]) -> str:
     lines = [f"{'trial':<34}{'trainable':>12}  setting"]
     for t in trials:
-        what = f"REFUSED: {t.note}" if t.refused else t.setting + (f"  ({t.note})" if t.note else "")
+        what = f"REFUSED: {t.note}" if t.refused else ("CAPPED: " if t.capped else "") + t.setting + (
+            f"  ({t.note})" if t.note else "")
         lines.append(f"{t.name:<34}{t.trainable:>12,}  {what}")
     return "\n".join(lines)
 

@@ -9,14 +9,20 @@ The search changes as little as it can. Tier 1 moves only the method's main knob
 block size, number of virtual tokens); tier 2 also tries other target-module sets; tier 3 also adapts
 a subset of the layers; tier 4 both. The first tier with a setting within TOLERANCE of the budget wins
 (the closest count within that tier). Failing that, the closest setting of all is accepted with a
-warning when it is within REFUSE, and refused otherwise, naming it. Options in `base_options` are
-pinned: the search moves only the others. Full fine-tuning is the reference: its count is reported,
-never solved or refused.
+warning when it is within REFUSE, and refused otherwise, naming it; with `cap` (the arena), a budget above
+everything the method can sensibly reach (prompt tuning would need thousands of virtual tokens) is met by
+its largest setting instead, flagged `capped`. Within a tier, a layer subset takes the most layers that fit
+(fewer layers are the last resort, after the module set, the rank or the block size). Options in
+`base_options` are pinned: the search moves only the others. Full fine-tuning is the reference: its count
+is reported, never solved or refused.
+
+A budget is a count (`1e6`, `500k`) or a share of the base model's parameters (`1%`, `0.5%`; budget_count).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +37,7 @@ from .budget_rules import (ALIASES, MAX_VIRTUAL_TOKENS, RULES, BudgetError, Mode
 TOLERANCE = 0.10  # within this relative error of the budget a setting is a match
 REFUSE = 0.25  # beyond this no setting is offered
 
-__all__ = ["BudgetError", "BudgetSolution", "ModelShape", "count_trainable", "measure_trainable", "method_names",
+__all__ = ["BudgetError", "BudgetSolution", "ModelShape", "budget_count", "count_trainable", "measure_trainable", "method_names",
            "model_shape", "parse_count", "read_config", "solve_budget", "solve_all", "TOLERANCE", "REFUSE"]
 
 
@@ -46,6 +52,7 @@ class BudgetSolution:
     description: str  # one line, e.g. "rank 3 on all-linear, all 30 layers"
     alternatives: int  # settings searched (a bisection counts only a few of them)
     warning: str = ""  # set when the match is outside TOLERANCE (or the method's count is fixed)
+    capped: bool = False  # the budget is beyond the method's sensible reach: its largest setting, flagged
 
     def section(self) -> dict:
         return {"name": self.method, **self.options}
@@ -85,12 +92,15 @@ def count_trainable(model, method: str, options: Mapping | None = None) -> int:
     return RULES.get(name).count(shape, method_options(name, opts))
 
 
-def solve_budget(model, method: str, params: int, base_options: Mapping | None = None, *,
-                 layer_pattern: str = "spread", max_virtual_tokens: int = MAX_VIRTUAL_TOKENS) -> BudgetSolution:
-    """Knobs of `method` whose trainable count is closest to `params` (see the module docstring)."""
-    if int(params) < 1:
+def solve_budget(model, method: str, params: int | str, base_options: Mapping | None = None, *,
+                 layer_pattern: str = "spread", max_virtual_tokens: int = MAX_VIRTUAL_TOKENS,
+                 cap: bool = False) -> BudgetSolution:
+    """Knobs of `method` whose trainable count is closest to `params` (a count, or a share such as '1%';
+    see the module docstring). `cap`: a budget above the method's reach gets its largest setting, flagged."""
+    shape = model_shape(model)
+    target = budget_count(params, shape)
+    if target < 1:
         raise BudgetError(f"budget: the parameter budget must be >= 1, got {params}")
-    shape, target = model_shape(model), int(params)
     name, base = resolve_method(method, base_options)
     rule, configured = RULES.get(name), method_options(name, base)
     fields = dataclasses.asdict(configured)
@@ -104,12 +114,19 @@ def solve_budget(model, method: str, params: int, base_options: Mapping | None =
         settings += len(family.values)
         seen += [(family.tier, knobs, count(knobs)) for knobs in map(family.knobs, bracket(family, count, target))]
     level, knobs, n = choose(seen, target)
+    top = max(c[2] for c in seen)
+    capped = cap and not rule.fixed and (top - target) / target < -TOLERANCE
+    if capped:  # nothing reaches the budget: the largest setting (the lowest tier that has it)
+        level, knobs, n = min((c for c in seen if c[2] == top), key=lambda c: c[0])
     err = (n - target) / target
     options = {**base, **knobs}
     chosen = method_options(name, options)  # the answer must be a valid config section
     text = rule.describe(shape, chosen)
     if rule.fixed:
         warning = f"{name}: its count is fixed at {n:,} (the reference); the budget is not used"
+    elif capped:
+        warning = (f"{method}: capped at its largest sensible setting, {text}: {n:,} parameters, {n / target:.0%} "
+                   f"of the {target:,} asked")
     elif abs(err) > REFUSE:
         lo, hi = min(c[2] for c in seen), max(c[2] for c in seen)
         raise BudgetError(f"budget: no {method} setting comes within {REFUSE:.0%} of {target:,} parameters "
@@ -119,7 +136,7 @@ def solve_budget(model, method: str, params: int, base_options: Mapping | None =
                    f"(outside the {TOLERANCE:.0%} tolerance)")
     else:
         warning = ""
-    return BudgetSolution(name, options, n, target, err, abs(err) <= TOLERANCE, text, settings, warning)
+    return BudgetSolution(name, options, n, target, err, abs(err) <= TOLERANCE, text, settings, warning, capped)
 
 
 def bracket(family, count, target: int) -> list[int]:
@@ -137,14 +154,18 @@ def bracket(family, count, target: int) -> list[int]:
 
 
 def choose(cands: list[tuple[int, dict, int]], target: int) -> tuple[int, dict, int]:
-    """The closest match within TOLERANCE in the lowest tier that has one; else the closest of all."""
+    """Within TOLERANCE in the lowest tier that has a match: the one adapting the most layers, then the
+    closest; else the closest of all."""
     def err(c):
         return abs(c[2] - target) / target
 
+    def layers(c) -> float:  # None: every layer
+        return math.inf if c[1].get("layers") is None else len(c[1]["layers"])
+
     for level in sorted({c[0] for c in cands}):
         ok = [c for c in cands if c[0] == level and err(c) <= TOLERANCE]
-        if ok:
-            return min(ok, key=err)  # min keeps the first of equals: the generators list preferred ones first
+        if ok:  # min keeps the first of equals: the generators list preferred ones first
+            return min(ok, key=lambda c: (-layers(c), err(c)))
     return min(cands, key=lambda c: (err(c), c[0]))
 
 
@@ -191,13 +212,30 @@ def measure_trainable(config: Mapping, method: str, options: Mapping | None = No
 _SUFFIX = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9}
 
 
-def parse_count(text: str | int) -> int:
-    """'1e6', '500k', '2M', '1.5m', '1,000,000' -> an integer count."""
+def parse_count(text: str | int, total: int | None = None) -> int:
+    """'1e6', '500k', '2M', '1.5m', '1,000,000' -> an integer count; '1%' -> 1% of `total` (the base's
+    parameters, budget_count gives them)."""
     s = str(text).strip().lower().replace(",", "").replace("_", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmb]?)", s)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmb%]?)", s)
     if not m:
-        raise BudgetError(f"budget: cannot read {text!r} as a parameter count (e.g. 1e6, 500k, 2M)")
+        raise BudgetError(f"budget: cannot read {text!r} as a parameter count (e.g. 1e6, 500k, 2M, or 1% "
+                          "of the base's parameters)")
+    if m.group(2) == "%":
+        if total is None:
+            raise BudgetError(f"budget: {text!r} is a share of the base's parameters; give the model too")
+        if not 0 < float(m.group(1)) <= 100:
+            raise BudgetError(f"budget: {text!r}: a share must be above 0% and at most 100%")
+        return int(round(float(m.group(1)) / 100 * total))
     return int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
+
+
+def budget_count(text: str | int, model) -> int:
+    """A budget as a count: '1%' is 1% of the base model's parameters (every weight, the head once when
+    tied: what full fine-tuning trains), anything else parse_count reads."""
+    if isinstance(text, int):
+        return text
+    total = sum(n for _, n in model_shape(model).base_params()) if str(text).strip().endswith("%") else None
+    return parse_count(text, total)
 
 
 # ---- text for the CLI --------------------------------------------------------------------------------
