@@ -245,14 +245,45 @@ def _coords(p: Point) -> str:
     return f"{shown(p, 'task')}, {shown(p, 'retention')}"
 
 
+def origin(points: list[Point]) -> Point | None:
+    """The base (step 0, or alpha 0): the origin of the plane, never a candidate; None when unscored."""
+    pts = [p for p in points if p.step == 0 or p.alpha == 0]
+    return min(pts, key=lambda p: p.progress) if pts else None
+
+
+def above_base(points: list[Point]) -> tuple[Point | None, list[Point]]:
+    """(the base, the trained points whose task score is above the base's 95% CI, or above its value when it
+    has none): what a selection rule may recommend."""
+    base = origin(points)
+    trained = [p for p in points if not (p.step == 0 or p.alpha == 0)]
+    if base is None:
+        return None, trained
+    return base, [p for p in trained if p.task > base.ci("task")[1]]
+
+
+def _keep_base(base: Point, rule: str, why: str) -> Choice:
+    return Choice(base, f"{rule}: {why}, so the base ({_coords(base)}) is kept: the fine-tuning did not pay off "
+                        "under this rule.")
+
+
+KNEE_RULE = "knee of the checkpoints whose task score is above the base's 95% CI (the default rule)"
+
+
 def knee(points: list[Point]) -> Choice:
-    """The frontier point farthest (towards the ideal corner) from the chord between its extremes."""
-    front = pareto_front(points)
+    """The default rule: among the checkpoints whose task score beats the base's CI, the frontier point farthest
+    (towards the ideal corner) from the chord between its extremes, both axes min-max scaled over all points.
+    The base is the origin of the plane, not a candidate; it is returned only when no checkpoint beats it."""
+    base, cands = above_base(points)
+    if not cands:
+        if base is None:
+            raise SftlabError("no trained checkpoint is scored; score the run first (sftlab eval RUN)")
+        return _keep_base(base, KNEE_RULE, "no checkpoint's task score is above the base's 95% CI")
+    front = pareto_front(cands)
     scale = normaliser(points)
     if len(front) == 1:
         p = front[0]
-        return Choice(p, f"{p.label} is the only Pareto-optimal point ({_coords(p)}); every other point is "
-                         "dominated by it.")
+        return Choice(p, f"{KNEE_RULE}: {p.label} ({_coords(p)}) is the only Pareto-optimal one of the "
+                         f"{len(cands)} candidates.")
     a = scale(max(front, key=lambda q: (q.task, q.retention)))  # the best-task end
     b = scale(max(front, key=lambda q: (q.retention, q.task)))  # the best-retention end
     length = math.hypot(b[0] - a[0], b[1] - a[1])
@@ -263,43 +294,68 @@ def knee(points: list[Point]) -> Choice:
         return -cross / length if length > 0 else 0.0
 
     # Ties (every point on the chord, as on a two-point frontier): the point nearer the ideal corner, then the
-    # better task score - the base is the answer only when training never got past it.
+    # better task score.
     p = _earliest_best(front, lambda q: (round(bulge(q), 12), round(sum(scale(q)), 12), q.task))  # type: ignore
     if bulge(p) <= 1e-12:
-        return Choice(p, f"{p.label} ({_coords(p)}): none of the {len(front)} Pareto-optimal points lies beyond "
-                         "the line joining the best-task and best-retention ends (towards the ideal corner), so "
-                         "there is no knee; this is the point nearest the ideal corner after min-max scaling "
-                         "(ties: the better task score).")
-    return Choice(p, f"{p.label} ({_coords(p)}) is the knee: of the {len(front)} Pareto-optimal points it lies "
-                     f"farthest from the line joining the best-task and best-retention ends "
+        return Choice(p, f"{KNEE_RULE}: {p.label} ({_coords(p)}); none of the {len(front)} Pareto-optimal "
+                         "candidates lies beyond the line joining the best-task and best-retention ends, so there "
+                         "is no knee; this is the one nearest the ideal corner after min-max scaling (ties: the "
+                         "better task score).")
+    return Choice(p, f"{KNEE_RULE}: {p.label} ({_coords(p)}) is the knee: of the {len(front)} Pareto-optimal "
+                     f"candidates it lies farthest from the line joining the best-task and best-retention ends "
                      f"(distance {bulge(p):.3f} after min-max scaling over {len(points)} points).")
 
 
 def max_task_with_retention_loss(points: list[Point], max_loss: float = 0.0) -> Choice:
-    """The best task score among points whose retention dropped at most max_loss below the base."""
+    """`select: {max_kl: x}`: the best task score among checkpoints whose retention dropped at most max_loss
+    below the base (for KL: at most x nats/token) and whose task score is above the base's CI."""
     base = base_point(points)
-    ok = [p for p in points if base.retention - p.retention <= max_loss]
+    rule = f"best task score within a retention loss of {max_loss:g}"
+    _, cands = above_base(points)
+    ok = [p for p in cands if base.retention - p.retention <= max_loss]
+    if not ok:
+        return _keep_base(base, rule, f"none of the {len(cands)} checkpoints above the base's task CI lost at "
+                                      f"most {max_loss:g} retention")
     p = _earliest_best(ok, lambda q: q.task)
     drop = base.retention - p.retention
-    return Choice(p, f"{p.label} ({_coords(p)}) has the best task score of the {len(ok)} of {len(points)} points "
-                     f"whose retention fell at most {max_loss:g} below the base's ({shown(base, 'retention')}); "
-                     f"its drop is {drop:.4g}.")
+    return Choice(p, f"{rule}: {p.label} ({_coords(p)}) has the best task score of the {len(ok)} of "
+                     f"{len(points)} points above the base's task CI whose retention fell at most {max_loss:g} below "
+                     f"the base's ({shown(base, 'retention')}); its drop is {drop:.4g}.")
 
 
 def max_retention_with_task(points: list[Point], min_task: float) -> Choice:
-    """The best retention among points whose task score reaches min_task (in the task metric's own units:
-    for a lower-is-better metric such as a loss it is a ceiling)."""
+    """`select: {min_task: y}`: the least forgetting among checkpoints whose task score reaches min_task (in
+    the task metric's own units: for a lower-is-better metric such as a loss it is a ceiling)."""
     hib = points[0].meta.get("task_higher_is_better", True)
     floor = orient(min_task, hib)
-    ok = [p for p in points if p.task >= floor]
     word = "at least" if hib else "at most"
+    rule = f"least forgetting with a task score {word} {min_task:g}"
+    base = origin(points)
+    ok = [p for p in points if p.task >= floor and p is not base]
     if not ok:
         best = max(points, key=lambda q: q.task)
+        if base is not None:
+            return _keep_base(base, rule, f"no checkpoint reaches it (the best is {best.label} with "
+                                          f"{shown(best, 'task')})")
         raise SftlabError(f"no point has task score {word} {min_task:g}; the best is {best.label} with "
                           f"{shown(best, 'task')}: lower the requirement")
     p = _earliest_best(ok, lambda q: q.retention)
-    return Choice(p, f"{p.label} ({_coords(p)}) keeps the most retention of the {len(ok)} of {len(points)} points "
-                     f"whose task score is {word} {min_task:g}.")
+    return Choice(p, f"{rule}: {p.label} ({_coords(p)}) keeps the most retention of the {len(ok)} of "
+                     f"{len(points)} points whose task score is {word} {min_task:g}.")
+
+
+def select(points: list[Point], max_kl: float | None = None, min_task: float | None = None,
+           max_loss: float | None = None) -> Choice:
+    """A selection rule the user states: {max_kl: x} (or max_loss), {min_task: y}, or {} for the default knee."""
+    limit = max_kl if max_kl is not None else max_loss
+    if limit is not None and min_task is not None:
+        raise SftlabError("select: give max_kl (best task within a retention budget) or min_task (least "
+                          "forgetting above a task score), not both")
+    if limit is not None:
+        return max_task_with_retention_loss(points, limit)
+    if min_task is not None:
+        return max_retention_with_task(points, min_task)
+    return knee(points)
 
 
 def weighted(points: list[Point], w: float = 0.5) -> Choice:
@@ -323,4 +379,6 @@ register_policy(Policy("max_task_with_retention_loss", max_task_with_retention_l
                        "best task score whose retention dropped at most max_loss below the base", ("max_loss",)))
 register_policy(Policy("max_retention_with_task", max_retention_with_task,
                        "best retention whose task score reaches min_task", ("min_task",)))
+register_policy(Policy("select", select, "a stated rule: max_kl (or max_loss), min_task, or neither for the "
+                       "default knee; never the base unless no checkpoint beats it", ("max_kl", "min_task", "max_loss")))
 register_policy(Policy("weighted", weighted, "max of w x task + (1 - w) x retention, min-max scaled", ("w",)))

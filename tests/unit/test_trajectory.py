@@ -79,8 +79,8 @@ def test_everything_dominated_by_the_base():
     pts = [base, P(10, 0.4, 0.9), P(20, 0.5, 0.7), P(30, 0.3, 1.0)]
     assert steps(pareto_front(pts)) == [0]
     assert steps(overshoot(pts)) == [0]  # without CIs, plain dominance by more than tol counts
-    choice = rewind(pts, "knee")
-    assert choice.point.step == 0 and "only Pareto-optimal" in choice.reason
+    choice = rewind(pts, "knee")  # no checkpoint beats the base: the base is kept, and the reason says so
+    assert choice.point.step == 0 and "the base (task 0.5, retention 1) is kept" in choice.reason
 
 
 # ---- significance -----------------------------------------------------------------------------------
@@ -127,7 +127,8 @@ HAND = [P(0, 0.10, -1.00), P(10, 0.60, -1.05), P(20, 0.80, -1.10), P(30, 0.85, -
 
 
 def test_policies_are_registered():
-    assert POLICIES.names() == ["knee", "max_retention_with_task", "max_task_with_retention_loss", "weighted"]
+    assert POLICIES.names() == ["knee", "max_retention_with_task", "max_task_with_retention_loss", "select",
+                              "weighted"]
     with pytest.raises(RegistryError, match="did you mean 'knee'"):
         rewind(HAND, "kne")
     with pytest.raises(SftlabError, match="unknown option 'w'"):
@@ -137,35 +138,53 @@ def test_policies_are_registered():
 def test_knee_is_the_bulge_of_the_front():
     choice = rewind(HAND, "knee")
     assert choice.point.step == 20
-    assert "knee" in choice.reason and "4 Pareto-optimal points" in choice.reason
+    assert choice.reason.startswith("knee of the checkpoints whose task score is above the base's 95% CI")
+    assert "3 Pareto-optimal candidates" in choice.reason
     assert "task 0.8" in choice.reason and "distance 0." in choice.reason
 
 
-def test_knee_of_a_two_point_front_is_not_the_base_by_default():
-    """Two Pareto-optimal points lie on their own chord: no knee. The base wins only when it is nearer the
-    ideal corner after scaling; on a tie the better task score (the trained point) does."""
-    tie = [P(0, 0.10, -1.00), P(20, 0.90, -1.80)]  # scaled: base (0, 1), step 20 (1, 0)
-    choice = rewind(tie, "knee")
-    assert choice.point.step == 20 and "no knee" in choice.reason
-    near = [P(0, 0.10, -1.00), P(20, 0.90, -1.80), P(30, 0.2, -1.9)]  # base scaled (0, 1), step 20 (1, 0.11)
-    assert rewind(near, "knee").point.step == 20
+def test_knee_is_never_the_base_when_a_checkpoint_beats_its_ci():
+    """The base is the origin of the plane, not a candidate: even where it would be nearest the ideal corner
+    (it loses little task and keeps all retention), a checkpoint above the base's task CI is chosen."""
     far = [P(0, 0.10, -1.00), P(20, 0.30, -1.80), P(30, 0.05, -1.9)]  # step 20 scaled (1, 0.11), base (0.2, 1)
-    assert rewind(far, "knee").point.step == 0
+    assert rewind(far, "knee").point.step == 20
+    two = [P(0, 0.10, -1.00), P(20, 0.60, -1.05), P(30, 0.90, -1.80)]  # two candidates on their own chord
+    choice = rewind(two, "knee")
+    assert choice.point.step == 20 and "no knee" in choice.reason
+    # with CIs: step 20's gain is inside the base's interval, so only step 30 qualifies
+    noisy = [P(0, 0.10, -1.00, ci=0.25), P(20, 0.30, -1.01, ci=0.25), P(30, 0.60, -1.50, ci=0.1)]
+    assert rewind(noisy, "knee").point.step == 30
+    # no checkpoint above the base's CI: the base, said so
+    flat = [P(0, 0.10, -1.00, ci=0.25), P(20, 0.30, -1.01, ci=0.25)]
+    choice = rewind(flat, "knee")
+    assert choice.point.step == 0 and "no checkpoint's task score is above the base's 95% CI" in choice.reason
 
 
 def test_max_task_with_retention_loss():
     choice = rewind(HAND, "max_task_with_retention_loss", max_loss=0.2)
     assert choice.point.step == 20
-    assert "at most 0.2 below" in choice.reason and "drop is 0.1" in choice.reason and "3 of 5" in choice.reason
+    assert "at most 0.2 below" in choice.reason and "drop is 0.1" in choice.reason and "2 of 5" in choice.reason
     assert rewind(HAND, "max_task_with_retention_loss", max_loss=1.0).point.step == 30
-    assert rewind(HAND, "max_task_with_retention_loss", max_loss=0.0).point.step == 0
+    keep = rewind(HAND, "max_task_with_retention_loss", max_loss=0.0)  # nothing trained is that faithful
+    assert keep.point.step == 0 and "is kept" in keep.reason and "lost at most 0" in keep.reason
 
 
 def test_max_retention_with_task():
     choice = rewind(HAND, "max_retention_with_task", min_task=0.7)
     assert choice.point.step == 20 and "at least 0.7" in choice.reason and "3 of 5" in choice.reason
-    with pytest.raises(SftlabError, match="best is step 30"):
-        rewind(HAND, "max_retention_with_task", min_task=0.9)
+    keep = rewind(HAND, "max_retention_with_task", min_task=0.9)  # nothing reaches it: the base, said so
+    assert keep.point.step == 0 and "no checkpoint reaches it (the best is step 30" in keep.reason
+    with pytest.raises(SftlabError, match="best is step 30"):  # and without a base, an error
+        rewind(HAND[1:], "max_retention_with_task", min_task=0.9)
+
+
+def test_select_states_the_rule():
+    assert rewind(HAND, "select", max_kl=0.2).point.step == 20
+    assert rewind(HAND, "select", min_task=0.7).point.step == 20
+    default = rewind(HAND, "select")
+    assert default.point.step == 20 and "(the default rule)" in default.reason
+    with pytest.raises(SftlabError, match="not both"):
+        rewind(HAND, "select", max_kl=0.1, min_task=0.5)
 
 
 def test_max_retention_with_task_in_a_loss_metrics_own_units():
