@@ -163,10 +163,13 @@ def cmd_budget(args) -> int:
 
     from .methods import budget
 
-    target = budget.parse_count(args.params)
+    share = args.params.strip().endswith("%")  # '1%': a share of the base's parameters, known once it is read
+    target = None if share else budget.parse_count(args.params)
     kw = {"layer_pattern": args.layer_pattern, "max_virtual_tokens": args.max_virtual_tokens}
     config = budget.read_config(args.model)
     shape = budget.model_shape(config)
+    if share:
+        target = budget.budget_count(args.params, config)
     if args.all or args.method == "all":
         print(budget.format_table(budget.solve_all(shape, target, **kw), target))
         return 0
@@ -363,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "match a trainable-parameter budget; trains nothing")
     b.add_argument("model", help="smollm2, a model folder, a .gguf file or a hub id (only its config is read)")
     b.add_argument("--method", default="", help="full, lora, dora, oft, boft, prefix, prompt, ia3, or all")
-    b.add_argument("--params", required=True, help="the budget: 1e6, 500k, 2M, ...")
+    b.add_argument("--params", required=True, help="the budget: 1e6, 500k, 2M, ... or a share of the base's parameters: 1%%")
     b.add_argument("--all", action="store_true", help="a table for every method")
     b.add_argument("--pin", action="append", default=[], metavar="KEY=VALUE",
                    help="keep this method option fixed, e.g. --pin target_modules=[q_proj,v_proj] (repeatable)")
