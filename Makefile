@@ -48,7 +48,7 @@ browser:
 	  fi; }
 
 test: setup browser $(TSTAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 clean-venv:
 	rm -rf $(VENV)
