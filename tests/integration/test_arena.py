@@ -133,3 +133,40 @@ def test_arena_on_local_ray(tmp_path, tiny_model_dir, monkeypatch):
     assert [t["status"] for t in meta["trials"]] == ["done", "done"]
     board = json.loads((folder / "leaderboard.json").read_text())
     assert {r["method"] for r in board["rows"]} == {"full", "lora"}
+
+
+def test_a_failing_trial_closes_its_writers_and_trackers(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A trial that dies mid-run (here: the disk fills at its second checkpoint) is recorded as failed, and the
+    end event still runs: its TensorBoard writer and progress bar are closed, not left open in the arena's
+    process for the next trial."""
+    from sftlab.train import callbacks
+    from sftlab.train import checkpoint as ckpt
+
+    opened = []
+    for cls in (callbacks.TensorBoardLogger, callbacks.Progress):
+        real_init = cls.__init__
+
+        def init(self, *a, _real=real_init, **kw):
+            _real(self, *a, **kw)
+            opened.append(self)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    real_save = ckpt.save_weights
+
+    def full_disk(model, peft, folder, *a, **kw):
+        if folder.name.startswith(".tmp-step-000004"):
+            raise OSError(28, "No space left on device")
+        real_save(model, peft, folder, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "save_weights", full_disk)
+    cfg = arena_config(tmp_path, tiny_model_dir, methods=["lora"], lrs={"lora": [1e-3]})
+    assert main(["arena", str(cfg), "logging.tensorboard=true", "logging.progress=true"]) in (0, 1, 2)
+    records = json.loads((tmp_path / "out" / "a" / "arena.json").read_text())
+    rows = records["trials"] if isinstance(records, dict) and "trials" in records else records
+    assert any(r.get("status") == "failed" and "No space left" in r.get("error", "") for r in
+               (rows.values() if isinstance(rows, dict) else rows)), records
+    tb = [o for o in opened if isinstance(o, callbacks.TensorBoardLogger)]
+    bars = [o for o in opened if isinstance(o, callbacks.Progress)]
+    assert tb and bars
+    assert all(o.writer.all_writers is None for o in tb), "the TensorBoard writer of the failed trial is still open"
+    assert all(o.bar.disable for o in bars), "the progress bar of the failed trial is still open"  # tqdm.close()

@@ -12,6 +12,9 @@ class Callback(Protocol):
     def on_eval(self, step: int, metrics: dict) -> None: ...
     def on_checkpoint(self, step: int, entry: dict) -> None: ...
     def on_train_end(self, step: int, summary: dict) -> None: ...
+    # Always the last event: after on_train_end, or instead of it when the run failed (an exception, a kill
+    # signal turned into one); releases what the callback holds (writers, tracker runs, progress bars).
+    def on_close(self, failed: bool) -> None: ...
 
 
 class Base:
@@ -19,6 +22,7 @@ class Base:
     def on_eval(self, step, metrics): pass
     def on_checkpoint(self, step, entry): pass
     def on_train_end(self, step, summary): pass
+    def on_close(self, failed): pass
 
 
 class JsonlLogger(Base):
@@ -63,6 +67,9 @@ class TensorBoardLogger(Base):
     def on_train_end(self, step, summary):
         self.writer.close()
 
+    def on_close(self, failed):
+        self.writer.close()  # a no-op when already closed
+
 
 class MlflowLogger(Base):
     def __init__(self, run_name: str, params: dict):
@@ -81,6 +88,10 @@ class MlflowLogger(Base):
     def on_train_end(self, step, summary):
         self.mlflow.end_run()
 
+    def on_close(self, failed):
+        if failed and self.mlflow.active_run() is not None:
+            self.mlflow.end_run(status="FAILED")
+
 
 class WandbLogger(Base):
     def __init__(self, run_name: str, params: dict):
@@ -96,6 +107,10 @@ class WandbLogger(Base):
 
     def on_train_end(self, step, summary):
         self.run.finish()
+
+    def on_close(self, failed):
+        if failed:
+            self.run.finish(exit_code=1)
 
 
 class Progress(Base):
@@ -115,6 +130,22 @@ class Progress(Base):
 
     def on_train_end(self, step, summary):
         self.bar.close()
+
+    def on_close(self, failed):
+        self.bar.close()
+
+
+def close_all(cbs: list, failed: bool) -> None:
+    """The end event that always runs (Trainer._loop's finally). One callback failing to close does not keep
+    the others open; the run's own error, if any, is the one the caller sees."""
+    for cb in cbs:
+        close = getattr(cb, "on_close", None)
+        if close is None:
+            continue
+        try:
+            close(failed)
+        except Exception as e:  # noqa: BLE001  (closing must not mask the run's outcome)
+            print(f"sftlab: closing {type(cb).__name__} failed: {type(e).__name__}: {e}")
 
 
 def build_callbacks(cfg, run_dir: Path, total: int, start: int, is_main: bool) -> list:

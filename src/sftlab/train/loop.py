@@ -29,7 +29,7 @@ from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
 from ..resources import peak_rss_mb
 from . import checkpoint as ckpt
 from . import dpo, sharding, speed
-from .callbacks import build_callbacks
+from .callbacks import build_callbacks, close_all
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
 
@@ -345,17 +345,35 @@ class Trainer:
             from ..quantize import GradientGuard
 
             cbs.append(GradientGuard(self.model))
-        for cb in cbs:
-            getattr(cb, "on_train_start", lambda step: None)(self.pos["step"])
-        if d.main:
-            p = self.params
-            print(f"sftlab: {cfg.method.name}: {p['trainable_params']:,} trainable of {p['total_params']:,} "
-                  f"parameters ({100 * p['trainable_share']:.3f}%); data: {self.data.train_stats.summary()}")
-            if cfg.quantization.enabled or self.sharding.kind == "fsdp":
-                from ..quantize import describe
+        failed = True
+        try:
+            for cb in cbs:
+                getattr(cb, "on_train_start", lambda step: None)(self.pos["step"])
+            if d.main:
+                p = self.params
+                print(f"sftlab: {cfg.method.name}: {p['trainable_params']:,} trainable of {p['total_params']:,} "
+                      f"parameters ({100 * p['trainable_share']:.3f}%); data: {self.data.train_stats.summary()}")
+                if cfg.quantization.enabled or self.sharding.kind == "fsdp":
+                    from ..quantize import describe
 
-                quant = f"{describe(cfg.quantization)} base" if cfg.quantization.enabled else "full-precision base"
-                print(f"sftlab: {quant}; {d.world} process(es), {self.sharding.describe()}")
+                    quant = f"{describe(cfg.quantization)} base" if cfg.quantization.enabled else "full-precision base"
+                    print(f"sftlab: {quant}; {d.world} process(es), {self.sharding.describe()}")
+            self._train_steps(cbs)
+            for cb in cbs:
+                cb.on_train_end(self.pos["step"], {"skipped_steps": self.pos["skipped"]})
+            if d.main and self.pos["skipped"]:
+                print(f"sftlab: {self.pos['skipped']} of {self.pos['step']} steps had a non-finite loss or gradient "
+                      "and were skipped (see 'skipped' in metrics.jsonl)")
+            if d.world > 1:
+                dist.barrier()
+            failed = False
+            return self.run_dir
+        finally:  # the end event always runs: writers, trackers and progress bars are released
+            close_all(cbs, failed)
+
+    def _train_steps(self, cbs) -> None:
+        """Step until train.steps: update, log, evaluate, checkpoint (the callbacks see each event)."""
+        cfg, d = self.cfg, self.dist
         t_start = time.time()
         while self.pos["step"] < self.total_steps:
             t0 = time.time()
@@ -379,14 +397,6 @@ class Trainer:
                     cb.on_eval(step, em)
             self._maybe_checkpoint(step, last, cbs)
             self._hook("after_step", self, step, metrics)
-        for cb in cbs:
-            cb.on_train_end(self.pos["step"], {"skipped_steps": self.pos["skipped"]})
-        if d.main and self.pos["skipped"]:
-            print(f"sftlab: {self.pos['skipped']} of {self.pos['step']} steps had a non-finite loss or gradient "
-                  "and were skipped (see 'skipped' in metrics.jsonl)")
-        if d.world > 1:
-            dist.barrier()
-        return self.run_dir
 
     def _count_bad(self, metrics: dict) -> None:
         """Skipped steps in total and in a row; both live in the position, so a resumed run counts on."""
