@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rw = sub.add_parser("rewind", help="pick a point on the path by a policy, say why, and export it")
     rw.add_argument("run", help="run directory")
-    rw.add_argument("--policy", default="knee",
-                    help="knee | max_task_with_retention_loss | max_retention_with_task | weighted")
+    rw.add_argument("--policy", default=None,
+                    help="knee | max_task_with_retention_loss | max_retention_with_task | select | weighted "
+                         "(default: the run config's select: rule, else the knee)")
     rw.add_argument("--max-loss", type=float, default=None, help="max_task_with_retention_loss: allowed drop")
     rw.add_argument("--min-task", type=float, default=None, help="max_retention_with_task: task score to reach")
     rw.add_argument("--weight", type=float, default=None, help="weighted: weight of the task axis (0..1)")
