@@ -453,8 +453,9 @@ def run_sftlab(a, method: str, policy: str, model_dir: Path, data_path: Path, wo
     sync(dev)
     train_s = time.perf_counter() - t0  # includes sftlab's setup (data, model), unlike TRL's train_s
     metrics_path = out_dir / name / "metrics.jsonl"
-    lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    steps = [r for r in lines if "step" in r and "tokens" in r and "step_time" in r and not r.get("eval")]
+    from sftlab.rundir_format import read_metrics
+
+    steps = [r for r in read_metrics(metrics_path.parent)[0] if "tokens" in r and "step_time" in r]
     per_step = []
     for i, r in enumerate(steps):
         wall = ends[i + 1] - ends[i] if i + 1 < len(ends) else None

@@ -14,18 +14,15 @@ Per run, from its own records (nothing is re-measured):
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+from sftlab.rundir_format import read_metrics, trajectory_lines
 
 
 def cost(run: Path) -> dict:
-    metrics = [m for m in lines(run / "metrics.jsonl") if "step_time" in m]
-    traj = lines(run / "trajectory.jsonl")
+    metrics = [m for m in read_metrics(run)[0] if "step_time" in m]
+    traj = trajectory_lines(run)  # as written, in order: the line that ends training matters here
     ends = [i for i, e in enumerate(traj) if "scoring_seconds" in e]  # written when training ended
     traj = traj[:ends[0] + 1] if ends else traj  # later lines are offline scorings (e.g. the demo's generation)
     per_step: dict[int, float] = {}

@@ -72,15 +72,10 @@ def sftlab_command(args) -> list[str]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    steps = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        # step lines only (other record kinds, e.g. eval, may share the file)
-        if "step" in rec and "tokens" in rec and "step_time" in rec:
-            steps.append(rec)
-    return steps
+    """The timed step lines of a metrics.jsonl (eval lines share the file)."""
+    from sftlab.rundir_format import read_metrics as read_run_metrics
+
+    return [r for r in read_run_metrics(path.parent)[0] if "tokens" in r and "step_time" in r]
 
 
 def main(args) -> int:

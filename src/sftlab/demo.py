@@ -13,13 +13,13 @@ leaderboard ranks methods by the hypervolume of their trajectories; `report.html
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .assets import DemoData, prepare_assets
 from .errors import SftlabError
+from .rundir_format import read_arena, read_trajectory
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _generate_samples(folder: Path) -> None:
     from .runs import Run
     from .scoring import evaluate_run
 
-    meta = json.loads((folder / "arena.json").read_text(encoding="utf-8"))
+    meta = read_arena(folder)
     done = [folder / t["run_dir"] for t in meta["trials"] if t["status"] == "done"]
     print(f"\ngreedy answers for reading: the base and {len(done)} final checkpoint(s)", flush=True)
     for i, d in enumerate(done):
@@ -128,14 +128,11 @@ def _generate_samples(folder: Path) -> None:
 
 def base_scores(folder: Path) -> dict | None:
     """The base model's classify score (step 0 of a trial that starts at the base), for the summary."""
-    meta = json.loads((folder / "arena.json").read_text(encoding="utf-8"))
-    for t in meta["trials"]:
-        p = folder / t["run_dir"] / "trajectory.jsonl"
-        if t["method"] in ("prefix", "prompt") or not p.is_file():
+    for t in read_arena(folder)["trials"]:
+        if t["method"] in ("prefix", "prompt"):
             continue
-        for line in p.read_text(encoding="utf-8").splitlines():
-            e = json.loads(line)
-            if e.get("step") == 0 and "classify" in e.get("scores", {}):
+        for e in read_trajectory(folder / t["run_dir"]):
+            if e["step"] == 0 and "classify" in e.get("scores", {}):
                 return e["scores"]["classify"]
     return None
 

@@ -19,7 +19,8 @@ from .errors import SftlabError
 from .faults import fault
 from .methods import METHODS
 from .models import ModelRef, folder_hash, load_model, load_tokenizer, resolve_model
-from .train.checkpoint import WRITE_ERRORS, read_trajectory
+from .rundir_format import read_provenance, read_trajectory
+from .train.checkpoint import WRITE_ERRORS
 
 
 class Run:
@@ -29,8 +30,7 @@ class Run:
             raise SftlabError(f"{self.dir}: not a run directory (no config.yaml); give the folder `sftlab train` wrote")
         self.cfg = config_from_dict(yaml.safe_load((self.dir / "config.yaml").read_text()))
         self.method = METHODS.get(self.cfg.method.name)
-        prov_path = self.dir / "provenance.json"
-        self.provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+        self.provenance = read_provenance(self.dir)
 
     def checkpoints(self) -> list[dict]:
         """Complete checkpoints (entries with weights), in step order."""

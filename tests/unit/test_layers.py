@@ -38,6 +38,8 @@ LAYERS: list[list[str]] = [
     ["sftlab.quantize", "sftlab.objectives"],
     ["sftlab.data", "sftlab.trajectory"],
     ["sftlab.config", "sftlab.config_scale"],
+    # the run directory's files and line formats (stdlib only): every reader and writer of a run goes through it
+    ["sftlab.rundir_format"],
     ["sftlab.configtools", "sftlab.registry", "sftlab.errors", "sftlab.faults", "sftlab.resources"],
 ]
 

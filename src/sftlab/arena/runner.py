@@ -16,7 +16,6 @@ trial added, not the largest trial so far), wall and CPU seconds; the leaderboar
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import traceback
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ..errors import SftlabError
 from ..resources import Meter, release_free_memory
+from ..rundir_format import ARENA, LEADERBOARD, TRAJECTORY, read_arena, read_trajectory, step_metrics
 from .leaderboard import TrialResult, build_leaderboard, format_leaderboard
 from .plan import ArenaSection, Trial, arena_from_dict, load_arena, plan_trials, trial_hash, trials_table
 
@@ -31,7 +31,6 @@ from .plan import ArenaSection, Trial, arena_from_dict, load_arena, plan_trials,
 def trial_state(trial: Trial) -> str:
     """'new' | 'done' | 'partial' (same config, not finished) | 'stale' (another config in the folder)."""
     from ..config import load_config
-    from ..train.checkpoint import read_trajectory
 
     d = trial.cfg.run_dir
     if not (d / "config.yaml").is_file():
@@ -45,19 +44,8 @@ def trial_state(trial: Trial) -> str:
     entries = read_trajectory(d)
     final = any(e.get("path") and e["step"] == trial.cfg.train.steps for e in entries)
     scoring = trial.cfg.probes and trial.cfg.scoring.during_training
-    scored = not scoring or any("scoring_seconds" in e for e in _raw_lines(d))
+    scored = not scoring or any("scoring_seconds" in e for e in entries)  # merged: any line of a step carries it
     return "done" if final and scored else "partial"
-
-
-def _raw_lines(d: Path) -> list[dict]:
-    p = d / "trajectory.jsonl"
-    out = []
-    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def run_trial(trial: Trial, state: str) -> dict:
@@ -158,13 +146,10 @@ def run_arena(path: str | dict, overrides: list[str] = (), plan_only: bool = Fal
 
 
 def _load_records(folder: Path) -> dict:
-    p = folder / "arena.json"
-    if not p.is_file():
-        return {}
     try:
-        return {t["name"]: {k: t.get(k) for k in ("status", "error", *USAGE_KEYS) if k in t} for t in json.loads(
-            p.read_text(encoding="utf-8")).get("trials", [])}
-    except (ValueError, KeyError, TypeError):
+        return {t["name"]: {k: t.get(k) for k in ("status", "error", *USAGE_KEYS) if k in t}
+                for t in read_arena(folder)["trials"]}
+    except (SftlabError, KeyError, TypeError):  # none yet, or unreadable: every trial starts as new
         return {}
 
 
@@ -173,7 +158,7 @@ def _write_arena(folder: Path, arena: ArenaSection, base: dict, trials: list[Tri
     from ..scoring import write_json_atomic
 
     rows = [{**t.record(), "status": "pending", "error": None, **records.get(t.name, {})} for t in trials]
-    write_json_atomic(folder / "arena.json", {"name": arena.name, "arena": to_dict(arena), "config": base,
+    write_json_atomic(folder / ARENA, {"name": arena.name, "arena": to_dict(arena), "config": base,
                                               "trials": rows})
 
 
@@ -183,12 +168,12 @@ def leaderboard_for(folder: str | Path) -> dict:
     from ..scoring import write_json_atomic
 
     folder = Path(folder)
-    meta = json.loads((folder / "arena.json").read_text(encoding="utf-8"))
+    meta = read_arena(folder)
     arena = meta.get("arena", {})
     results = []
     for t in meta["trials"]:
         d = folder / t["run_dir"]
-        if t.get("status") != "done" or not (d / "trajectory.jsonl").is_file():
+        if t.get("status") != "done" or not (d / TRAJECTORY).is_file():
             continue
         try:
             points, task, ret = run_points(d, arena.get("task") or None, arena.get("retention") or None)
@@ -197,8 +182,8 @@ def leaderboard_for(folder: str | Path) -> dict:
         results.append(TrialResult(t["name"], t["method"], t["budget"], t["lr"], t["seed"], points,
                                    t.get("trainable_params", 0), run_stats(d, t)))
     board = build_leaderboard(results, arena.get("lr_rule", "hypervolume"), arena.get("task", ""),
-                              arena.get("retention", ""))
-    write_json_atomic(folder / "leaderboard.json", board)
+                              arena.get("retention", ""), (meta.get("config") or {}).get("select"))
+    write_json_atomic(folder / LEADERBOARD, board)
     return board
 
 
@@ -218,16 +203,7 @@ def run_stats(d: Path, record: dict) -> dict:
     without them (written by an older sftlab) falls back to metrics.jsonl's peak, marked process-wide.
     Tokens: non-padding tokens of the logged steps (each step once, a resumed run's repeats not counted
     twice); trained_tokens: those with a label (the completion)."""
-    steps: dict = {}
-    p = d / "metrics.jsonl"
-    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict) and "tokens_per_s" in r:
-            steps[r.get("step")] = r
-    rows = list(steps.values())
+    rows = step_metrics(d)
     steady = rows[1:] or rows
     nan = float("nan")
     out = {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else nan,

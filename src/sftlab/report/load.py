@@ -1,9 +1,9 @@
 """Read a run folder or an arena folder into plain data for the report: json and yaml only, no torch.
 
-A run folder holds trajectory.jsonl (checkpoint lines and score lines, merged by step; step 0 is the base),
-metrics.jsonl (training lines; eval lines carry "eval": true), config.yaml, provenance.json and optionally
-analysis/*.json. An arena folder holds arena.json (the trials, each naming its run folder) and
-leaderboard.json. Missing or torn files are noted, not fatal: a report of a half-finished run is useful.
+A run folder holds trajectory.jsonl and metrics.jsonl (read by sftlab.rundir_format, which owns their formats),
+config.yaml, provenance.json and optionally analysis/*.json. An arena folder holds arena.json (the trials, each
+naming its run folder) and leaderboard.json. Missing or torn files are noted, not fatal: a report of a
+half-finished run is useful.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SftlabError
+from ..rundir_format import ARENA, CONFIG, LEADERBOARD, METRICS, PROVENANCE, TRAJECTORY, check_format, read_arena
+from ..rundir_format import read_metrics, read_trajectory
 
 
 @dataclass
@@ -57,38 +59,6 @@ def read_json(path: Path, notes: list[str]) -> Any:
         return None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The dict lines of a jsonl file; a torn last line (a run still writing) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def merge_trajectory(lines: list[dict]) -> list[dict]:
-    """Checkpoint and score lines merged per step (later lines win; scores merge by name), step order.
-
-    The same rule as sftlab.train.checkpoint.read_trajectory, restated here so the report never imports
-    the training package (and with it torch)."""
-    by_step: dict[int, dict] = {}
-    for entry in lines:
-        if not isinstance(entry.get("step"), int):
-            continue
-        prev = by_step.get(entry["step"], {})
-        merged = {**prev, **entry}
-        if "scores" in prev or "scores" in entry:
-            merged["scores"] = {**(prev.get("scores") or {}), **(entry.get("scores") or {})}
-        by_step[entry["step"]] = merged
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def read_yaml(path: Path, notes: list[str]) -> dict:
     if not path.is_file():
         return {}
@@ -103,8 +73,12 @@ def read_yaml(path: Path, notes: list[str]) -> dict:
 
 
 def load_run(path: Path, notes: list[str], name: str | None = None, trial: dict | None = None) -> RunData:
-    cfg = read_yaml(path / "config.yaml", notes)
-    metrics = read_jsonl(path / "metrics.jsonl")
+    cfg = read_yaml(path / CONFIG, notes)
+    try:  # a newer format is noted, and read as far as this sftlab can
+        check_format(path)
+    except SftlabError as e:
+        notes.append(str(e))
+    train, evals = read_metrics(path, check=False)
     analysis = {}
     for f in sorted((path / "analysis").glob("*.json")) if (path / "analysis").is_dir() else []:
         content = read_json(f, notes)
@@ -113,17 +87,14 @@ def load_run(path: Path, notes: list[str], name: str | None = None, trial: dict 
     method = (trial or {}).get("method") or (cfg.get("method") or {}).get("name") or "run"
     run_name = name or (cfg.get("run") or {}).get("name") or path.name
     return RunData(path=path, name=str(run_name), method=str(method), config=cfg,
-                   provenance=read_json(path / "provenance.json", notes) or {},
-                   entries=merge_trajectory(read_jsonl(path / "trajectory.jsonl")),
-                   train=[m for m in metrics if not m.get("eval")], evals=[m for m in metrics if m.get("eval")],
+                   provenance=read_json(path / PROVENANCE, notes) or {},
+                   entries=read_trajectory(path, check=False), train=train, evals=evals,
                    analysis=analysis, trial=trial)
 
 
 def load_arena(path: Path, notes: list[str]) -> ReportData:
-    arena = read_json(path / "arena.json", notes)
-    if not isinstance(arena, dict):
-        raise SftlabError(f"{path / 'arena.json'}: expected a JSON object with 'trials'")
-    trials = arena.get("trials") if isinstance(arena.get("trials"), list) else []
+    arena = read_arena(path)
+    trials = arena["trials"]
     runs = []
     for t in trials:
         if not isinstance(t, dict):
@@ -134,12 +105,12 @@ def load_arena(path: Path, notes: list[str]) -> ReportData:
                 notes.append(f"trial {t.get('name')!s}: run folder {t.get('run_dir')!s} is missing")
             continue
         runs.append(load_run(run_dir, notes, name=str(t.get("name") or run_dir.name), trial=t))
-    board = read_json(path / "leaderboard.json", notes)
+    board = read_json(path / LEADERBOARD, notes)
     return ReportData(kind="arena", path=path, title=str(arena.get("name") or path.name), runs=runs,
                       arena=arena, leaderboard=board if isinstance(board, dict) else None, notes=notes)
 
 
-RUN_FILES = ("trajectory.jsonl", "metrics.jsonl", "config.yaml")
+RUN_FILES = (TRAJECTORY, METRICS, CONFIG)
 
 
 def load(path: str | Path) -> ReportData:
@@ -148,7 +119,7 @@ def load(path: str | Path) -> ReportData:
     if not path.is_dir():
         raise SftlabError(f"{path}: no such folder; pass a run folder or an arena folder")
     notes: list[str] = []
-    if (path / "arena.json").is_file():
+    if (path / ARENA).is_file():
         data = load_arena(path, notes)
     elif any((path / f).is_file() for f in RUN_FILES):
         run = load_run(path, notes)

@@ -25,6 +25,10 @@ from .. import tokens
 from ..errors import SftlabError
 from ..faults import fault
 from ..objectives import unwrap
+# the line formats and their reader live in sftlab.rundir_format (torch-free); the names stay importable here
+from ..rundir_format import TRAJECTORY, read_trajectory
+from ..rundir_format import append_line as append_jsonl
+from ..rundir_format import truncate_lines as truncate_jsonl
 
 RESUME = "resume"
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports ENOSPC/EACCES as its own error type
@@ -128,7 +132,7 @@ def write_checkpoint(run_dir: Path, step: int, model, peft: bool, extra: dict | 
              **(extra or {})}
     fault("checkpoint_line", step)
     try:
-        append_jsonl(run_dir / "trajectory.jsonl", entry)
+        append_jsonl(run_dir / TRAJECTORY, entry)
     except OSError as e:  # no line, no checkpoint: do not leave a folder that looks complete
         shutil.rmtree(final, ignore_errors=True)
         raise write_error(run_dir, f"the trajectory line of {final.name}", e, run_dir) from e
@@ -149,31 +153,12 @@ def write_error(folder: Path, what: str, e: BaseException, run_dir: Path, then: 
                        + (then or f"sftlab train {run_dir / 'config.yaml'} --resume"))
 
 
-def append_jsonl(path: Path, row: dict, durable: bool = True) -> None:
-    """Append one line (durably: fsync'ed). A torn last line (a crash or a full disk mid-write) is closed first,
-    so it stays one bad line that readers skip instead of swallowing this one; a failed append is rolled back."""
-    with open(path, "a+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        prefix = b""
-        if size:
-            f.seek(size - 1)
-            prefix = b"" if f.read(1) == b"\n" else b"\n"
-        try:
-            f.write(prefix + (json.dumps(row) + "\n").encode("utf-8"))
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        except OSError:
-            f.truncate(size)
-            raise
-
-
 def clean_incomplete(run_dir: Path, keep_until: int) -> list[str]:
     """Before a resumed run goes on from step `keep_until`: drop trajectory lines of later steps (those
     steps are trained again), then every folder that is not a recorded checkpoint (temp folders of a
     killed writer, a step folder renamed but never recorded, later steps). Lines go first, so a kill
     in between leaves extra folders, never a line without its folder. Returns the names removed."""
-    truncate_jsonl(run_dir / "trajectory.jsonl", keep_until)
+    truncate_jsonl(run_dir / TRAJECTORY, keep_until)
     recorded = {Path(e["path"]).name for e in read_trajectory(run_dir) if "path" in e}
     removed = []
     for parent, pattern in ((run_dir / "checkpoints", "*"), (run_dir, ".tmp-*"), (run_dir, ".*.tmp")):
@@ -183,42 +168,6 @@ def clean_incomplete(run_dir: Path, keep_until: int) -> list[str]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(str(p.relative_to(run_dir)))
     return removed
-
-
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep the lines of a step-keyed JSONL file with step <= max_step (atomic rewrite; torn lines dropped)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if int(row.get("step", 0)) <= max_step:
-            keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_trajectory(run_dir: Path) -> list[dict]:
-    """Complete checkpoints in step order (the last line per step wins; torn lines are ignored)."""
-    path = Path(run_dir) / "trajectory.jsonl"
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        prev = by_step.get(entry["step"], {})
-        merged = {**prev, **entry}
-        if "scores" in prev or "scores" in entry:  # score lines add to a checkpoint's scores, by name
-            merged["scores"] = {**prev.get("scores", {}), **entry.get("scores", {})}
-        by_step[entry["step"]] = merged
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

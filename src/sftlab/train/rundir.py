@@ -15,6 +15,7 @@ import yaml
 
 from ..errors import SftlabError
 from ..models import file_sha256
+from ..rundir_format import PROVENANCE, format_fields
 
 PACKAGES = ("sftlab", "torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "gguf")
 
@@ -58,6 +59,7 @@ def data_hashes(sources) -> list[dict]:
 def write_provenance(run_dir: Path, cfg, model_ref, data_stats: dict, params: dict | None = None) -> None:
     """`params`: trainable_params, total_params, trainable_share of the method-wrapped model."""
     prov = {
+        **format_fields(),  # the run-directory format its lines follow (sftlab.rundir_format)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
         "config_hash": cfg.hash(),
@@ -68,7 +70,7 @@ def write_provenance(run_dir: Path, cfg, model_ref, data_stats: dict, params: di
         "data": {"train": data_hashes(cfg.data.train), "eval": data_hashes(cfg.data.eval), **data_stats},
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
-    (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2))
+    (run_dir / PROVENANCE).write_text(json.dumps(prov, indent=2))
 
 
 def write_config(run_dir: Path, cfg) -> None:
