@@ -199,6 +199,10 @@ def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = 
 
         quantize.check_backend(quant, device)
         extra = quantize.load_kwargs(quant, dtype, device)
+    else:
+        from . import quantize
+
+        quantize.hide_bitsandbytes()  # peft imports it whenever installed; a full-precision base needs none of it
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref.location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,

@@ -111,3 +111,156 @@ def test_gpu_qlora_benchmark_runs_tiny_on_cpu(tmp_path):
     assert [r["name"] for r in result["rows"]] == ["lora_bf16", "qlora_nf4"] and not result["skipped"]
     for row in result["rows"]:
         assert len(row["losses"]) == 8 and row["losses"][-1] < row["losses"][0] - 0.3, row
+
+
+# ---- gradients through the quantized base after scoring (issue 16) ------------------------------------------
+# bitsandbytes >= 0.49 on an AVX512-BF16 CPU repacks a 4-bit layer into an inference layout the first time it runs
+# in eval mode, and that layout's matmul has no backward (sftlab.quantize): a run stopped learning at its step-0
+# scoring pass. Checked here: the guard catches that state, sftlab's training layout never enters it, and a
+# quantized run that is scored along the way learns about as far as its full-precision twin.
+
+IDS = torch.tensor([[1, 345, 2890, 17, 904, 33, 2, 511]])
+
+
+def _repacks_on_cpu() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def _peft_qlora(model_dir, bits: int = 4):
+    """The old code path: PEFT's k-bit preparation and LoRA, without sftlab's keep_training_layout."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from sftlab.models import ModelRef, load_model
+
+    model = load_model(ModelRef(str(model_dir), str(model_dir), "", "local"),
+                       quant=QuantizationSection(bits=bits, double_quant=bits == 4))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+
+
+def _scoring_pass(model) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    model.train()
+
+
+@pytest.mark.skipif(not _repacks_on_cpu(), reason="this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+def test_guard_fails_on_the_inference_layout_and_passes_on_the_training_one(tiny_model_dir):
+    from sftlab.errors import SftlabError
+    from sftlab.quantize import check_gradients, keep_training_layout
+
+    model = _peft_qlora(tiny_model_dir)
+    assert check_gradients(model, "before scoring") >= 0.99
+    _scoring_pass(model)  # the old path: bitsandbytes repacks every 4-bit layer
+    with pytest.raises(SftlabError, match=r"after scoring \(cosine 0\.\d+ < 0\.99 .*packing_format_for_cpu.*"
+                                          r"bitsandbytes \d+\.\d+"):
+        check_gradients(model, "after scoring")
+    assert keep_training_layout(model) == 14  # 2 layers x 7 projections, undone
+    _scoring_pass(model)  # the new path: no repack, the matmul keeps its backward
+    assert check_gradients(model, "after scoring") >= 0.99
+
+
+def _demo_config(tmp_path, model, bits, steps, every, **train):
+    from sftlab.assets import prepare_assets
+    from sftlab.config import config_from_dict
+
+    data = prepare_assets()
+    d = {
+        "run": {"name": f"q{bits}", "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "model": {"path": str(model)},
+        "method": {"name": "lora", "r": 16 if model == "smollm2" else 4, "target_modules": ["all-linear"]},
+        "data": {"train": [{"path": str(data.train)}], "max_length": 160},
+        "train": {"steps": steps, "batch_size": 8, "threads": 2, "log_every": 1, **train},
+        "checkpoint": {"every": every},
+        "logging": {"progress": False, "tensorboard": False},
+        "probes": [{"name": "classify", "path": str(data.eval), "limit": 8, "labels": list(data.labels)}],
+    }
+    if bits:
+        d["quantization"] = {"bits": bits, **({"quant_type": "nf4", "double_quant": True} if bits == 4 else {})}
+    return config_from_dict(d)
+
+
+def _learns_like_full_precision(tmp_path, model, quant_bits, steps, every, **train):
+    """Train the quantized and the full-precision twin on the demo task, scored at every checkpoint (`every`);
+    after those scoring passes the adapter's gradients match the dequantized twin's, and the quantized loss
+    falls at least 80% as far as the full-precision one."""
+    from sftlab.quantize import check_gradients, quantized_layers
+    from sftlab.train.loop import Trainer
+
+    falls = {}
+    for bits in (0, *quant_bits):
+        cfg = _demo_config(tmp_path, model, bits, steps, every, **train)
+        trainer = Trainer(cfg)
+        trainer.run()  # the guard ran before training and after each checkpoint's scoring pass
+        losses = [json.loads(x)["loss"] for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(x) and not json.loads(x).get("eval")]
+        assert len(losses) == steps
+        falls[bits] = losses[0] - sum(losses[-5:]) / 5
+        if bits:
+            layers = quantized_layers(trainer.model)
+            assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                                      for m in layers if bits == 4)
+            assert check_gradients(trainer.model, "after training") >= 0.99
+    for bits in quant_bits:
+        assert falls[bits] >= 0.8 * falls[0] > 0, falls
+
+
+def test_quantized_lora_learns_like_full_precision_after_scoring_tiny(tmp_path, tiny_model_dir):
+    _learns_like_full_precision(tmp_path, tiny_model_dir, (4, 8), steps=20, every=4, lr=1e-2)
+
+
+@pytest.mark.slow
+def test_qlora_learns_like_full_precision_after_scoring_smollm2(tmp_path):
+    _learns_like_full_precision(tmp_path, "smollm2", (4,), steps=20, every=10, lr=2e-4)
+
+
+# ---- bitsandbytes' noise (issue 15) ---------------------------------------------------------------------------
+
+def _sftlab_train(tmp_path, name, model_dir, quant=None):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_jsonl(tmp_path / "chats.jsonl", memorisable_chats(8))
+    cfg = {"run": {"name": name, "output_dir": str(tmp_path / "runs")}, "model": {"path": str(model_dir)},
+           "method": {"name": "lora", "r": 4}, "data": {"train": [{"path": str(data)}], "max_length": 64},
+           "train": {"steps": 2, "batch_size": 4, "threads": 1}, "checkpoint": {"every": 1},
+           "probes": [{"name": "heldout_loss", "path": str(data), "limit": 4}],
+           "logging": {"progress": False, "tensorboard": False}, **({"quantization": quant} if quant else {})}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", str(path)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_sftlab_train_keeps_bitsandbytes_out_of_its_output(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    plain = _sftlab_train(tmp_path, "plain", tiny_model_dir)
+    assert "bitsandbytes" not in plain and "gemm_4bit" not in plain, plain
+    q4 = _sftlab_train(tmp_path, "q4", tiny_model_dir, {"bits": 4})
+    assert "gemm_4bit_forward" not in q4 and "kernels-community" not in q4, q4
+    assert "nf4 base" in q4
+    q8 = _sftlab_train(tmp_path, "q8", tiny_model_dir, {"bits": 8})
+    assert "MatMul8bitLt" not in q8, q8
+    # a full-precision base and a LoRA on it never import bitsandbytes; a quantized base later still can
+    code = ("import sys; from sftlab.models import ModelRef, load_model; from sftlab.methods import METHODS\n"
+            f"d = {str(tiny_model_dir)!r}; ref = ModelRef(d, d, '', 'local')\n"
+            "spec = METHODS.get('lora'); m = spec.apply(load_model(ref), spec.options(r=4))\n"
+            "print('plain', sys.modules.get('bitsandbytes') is not None)\n"
+            "from sftlab.config_scale import QuantizationSection\n"
+            "q = load_model(ref, quant=QuantizationSection(bits=4))\n"
+            "print('quantized', type(q.model.layers[0].self_attn.q_proj).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plain False" in proc.stdout and "quantized Linear4bit" in proc.stdout, proc.stdout
+    assert "gemm_4bit_forward" not in proc.stderr, proc.stderr

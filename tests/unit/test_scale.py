@@ -57,9 +57,11 @@ def test_bnb_config_follows_the_section():
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
+    from sftlab import quantize
     from sftlab.quantize import check_backend
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    monkeypatch.setattr(quantize, "_hidden", False)  # ... and not merely hidden by an earlier full-precision load
     with pytest.raises(ModelError, match=r"pip install 'bitsandbytes>=0.46'"):
         check_backend(QuantizationSection(bits=4), CPU)
 
@@ -83,9 +85,11 @@ def test_backend_without_kernels_is_a_clear_error(monkeypatch):
 
 
 def test_load_model_checks_the_backend_before_loading(monkeypatch, tmp_path):
+    from sftlab import quantize
     from sftlab.models import ModelRef, load_model
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setattr(quantize, "_hidden", False)
     ref = ModelRef(str(tmp_path), str(tmp_path), "", "local")  # nothing there: the check must come first
     with pytest.raises(ModelError, match="needs bitsandbytes"):
         load_model(ref, quant=QuantizationSection(bits=4))
