@@ -242,6 +242,25 @@ class ScoringSection:
 
 
 @dataclass
+class SelectSection:
+    """`select: {max_kl: 0.1}` or `select: {min_task: 0.8}`: which checkpoint the leaderboard, the report and
+    `sftlab rewind` (without --policy) recommend. Neither: the knee among checkpoints whose task score is above
+    the base's 95% CI. The base is never a candidate unless no checkpoint beats it (and then that is said)."""
+
+    max_kl: float | None = doc("best task score among checkpoints whose retention fell at most this far below the "
+                               "base's, in the retention score's units (kl_to_base: nats/token)", default=None)
+    min_task: float | None = doc("least forgetting among checkpoints whose task score reaches this, in the task "
+                                 "metric's units (for a loss: at most this)", default=None)
+
+    def __post_init__(self):
+        check(self.max_kl is None or self.min_task is None, "select",
+              "give max_kl (best task within a retention budget) or min_task (least forgetting above a task "
+              "score), not both; remove one")
+        check(self.max_kl is None or self.max_kl >= 0, "select.max_kl",
+              f"must be >= 0 (how much retention may be lost), got {self.max_kl}")
+
+
+@dataclass
 class ProbeEntry:
     """`probes: [{name: kl_to_base, k: 32}, ...]`: a registered probe and its options."""
 
@@ -273,6 +292,8 @@ class RunConfig:
     scoring: ScoringSection = doc("when probes score checkpoints", default_factory=ScoringSection)
     probes: list[ProbeEntry] = doc("task and retention probes (see `sftlab config --show`, probes)",
                                    default_factory=list)
+    select: SelectSection = doc("the rule that picks the recommended checkpoint (leaderboard, report, rewind)",
+                                default_factory=SelectSection)
     distributed: DistributedSection = doc("several processes: ddp, or sharded (fsdp, deepspeed configs)",
                                           default_factory=DistributedSection)
 
@@ -287,7 +308,9 @@ class RunConfig:
         return d
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """What trained: every section but `select`, which only reads the finished path."""
+        d = {k: v for k, v in self.to_dict().items() if k != "select"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def parse_method(data: Any):

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .errors import SftlabError
-from .trajectory import Point, overshoot, pareto_front, point_from_scores, rewind, shown
+from .trajectory import Point, overshoot, pareto_front, point_from_scores, rewind, rule_text, select_params, shown
 
 
 def pick_scores(entries: list[dict], task: str | None, retention: str | None) -> tuple[str, str]:
@@ -94,14 +94,42 @@ def frontier_report(run_dir: str, task: str | None = None, retention: str | None
     return "\n".join(lines)
 
 
-def rewind_run(run_dir: str, policy: str, out: str | None, params: dict, task: str | None = None,
+def config_rule(run_dir: str | Path) -> dict:
+    """The run's `select:` section from its config.yaml ({} when absent: the default knee)."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    rule = cfg.get("select") if isinstance(cfg, dict) else None
+    return select_params(rule if isinstance(rule, dict) else None)
+
+
+def stated_policy(run_dir: str | Path, policy: str | None, params: dict) -> tuple[str, dict, str]:
+    """(policy, params, what to call it): without --policy, the limits given on the command line, else the
+    run config's `select:` rule (else the default knee)."""
+    if policy:
+        return policy, params, policy
+    if "w" in params:
+        raise SftlabError("--weight belongs to --policy weighted; add --policy weighted")
+    if params:
+        return "select", params, "select (command line)"
+    rule = config_rule(run_dir)
+    return "select", rule, f"the run config's {rule_text(rule)}"
+
+
+def rewind_run(run_dir: str, policy: str | None, out: str | None, params: dict, task: str | None = None,
                retention: str | None = None, search: list[float] | None = None, merge: bool = True) -> str:
-    """Choose a point with `policy`, optionally search between checkpoints, export it; return the why."""
+    """Choose a point with `policy` (None: the config's `select:` rule), optionally search between checkpoints,
+    export it; return the why."""
     from .runs import Run, export
 
     points, t, r = run_points(run_dir, task, retention)
+    policy, params, called = stated_policy(run_dir, policy, params)
     choice = rewind(points, policy, **params)
-    lines = [f"chosen: step {choice.point.step} by {policy}: {choice.reason}",
+    lines = [f"chosen: step {choice.point.step} by {called}: {choice.reason}",
              f"  {shown(choice.point, 'task')}; {shown(choice.point, 'retention')}"]
     step, alpha = choice.point.step, None
     run = Run(run_dir)

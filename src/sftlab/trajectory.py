@@ -358,6 +358,37 @@ def select(points: list[Point], max_kl: float | None = None, min_task: float | N
     return knee(points)
 
 
+SELECT_KEYS = ("max_kl", "min_task")
+
+
+def select_params(rule: Mapping | None) -> dict:
+    """The knobs of policy 'select' from a config's `select:` section (unset keys dropped)."""
+    return {k: float(v) for k, v in (rule or {}).items() if k in SELECT_KEYS and v is not None}
+
+
+def rule_text(rule: Mapping | None) -> str:
+    """The stated rule as a reader sees it next to the chosen point, e.g. 'select: {max_kl: 0.1}'."""
+    params = select_params(rule)
+    if not params:
+        return "select: default (the knee among checkpoints above the base's task CI)"
+    return "select: {" + ", ".join(f"{k}: {v:g}" for k, v in params.items()) + "}"
+
+
+def is_base(p: Point) -> bool:
+    """The untrained start (step 0, or alpha 0): the plane's origin."""
+    return p.step == 0 or p.alpha == 0
+
+
+def best_rewound(points: list[Point]) -> Choice:
+    """The trained checkpoint with the best task score (ties: the earliest): the most that rewinding to one
+    checkpoint can give on the task, whatever it cost in retention; the base only when nothing was trained."""
+    trained = [p for p in points if not is_base(p)] or list(points)
+    if not trained:
+        raise SftlabError("no scored points; score the run first (sftlab eval RUN)")
+    p = _earliest_best(trained, lambda q: q.task)
+    return Choice(p, f"best task score along the path: {p.label} ({_coords(p)})")
+
+
 def weighted(points: list[Point], w: float = 0.5) -> Choice:
     """Maximise w * task + (1 - w) * retention after min-max scaling both over all points."""
     if not 0.0 <= w <= 1.0:

@@ -8,7 +8,13 @@ between trials of one arena and not across arenas.
 
 Per (method, budget, seed) one learning rate is kept by the arena's rule (largest hypervolume, or
 best final task score); per (method, budget) the kept trials are averaged over seeds (mean and
-sample standard deviation).
+sample standard deviation). Three points of each kept trial are compared across seeds, each as a mean
+with a 95% Student-t interval over the n seeds (mean ± t(0.975, n-1) · sd / sqrt(n); none for n = 1):
+
+- final: the last checkpoint;
+- selected: the checkpoint the stated `select:` rule picks (sftlab.trajectory.select; default the knee
+  among checkpoints above the base's task CI; the base only when no checkpoint beats it, counted);
+- rewound: the checkpoint with the best task score along the path (sftlab.trajectory.best_rewound).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from ..trajectory import Point, final_point, hypervolume_2d, knee, orient, overshoot
+from ..errors import SftlabError
+from ..trajectory import (Choice, Point, best_rewound, final_point, hypervolume_2d, is_base, orient, overshoot,
+                          rewind, rule_text, select_params)
 
 RULES = {"hypervolume": "the learning rate whose trajectory has the largest hypervolume",
          "final_task": "the learning rate with the best final task score"}
@@ -38,17 +46,68 @@ class TrialResult:
     stats: dict = field(default_factory=dict)
 
 
-def trial_summary(t: TrialResult, ref: tuple[float, float], ideal: tuple[float, float]) -> dict:
+POINTS = ("final", "selected", "rewound")
+
+# Student t's 0.975 quantile for 1..30 degrees of freedom; beyond, the Cornish-Fisher expansion (error < 1e-7).
+T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+        2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+        2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (two-sided 95% intervals)."""
+    if df < 1:
+        raise ValueError(f"t quantile: df must be >= 1, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959963984540054
+    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(g / df ** (i + 1) for i, g in enumerate(terms))
+
+
+def mean_ci(values: list[float]) -> dict:
+    """{mean, ci_low, ci_high, sd, n} across seeds: a 95% t-interval for n >= 2; for n = 1 no interval (None)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(vals)
+    if not n:
+        return {"mean": math.nan, "ci_low": None, "ci_high": None, "sd": None, "n": 0}
+    mean = statistics.fmean(vals)
+    if n == 1:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "sd": None, "n": 1}
+    sd = statistics.stdev(vals)
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "sd": sd, "n": n}
+
+
+def _selected(points: list[Point], select: dict | None) -> Choice | None:
+    try:
+        return rewind(points, "select", **select_params(select))
+    except SftlabError:  # nothing to choose from under this rule (e.g. no base scored for max_kl)
+        return None
+
+
+def _at(p: Point | None, **extra) -> dict | None:
+    if p is None:
+        return None
+    return {"step": p.step, "task": _shown(p, "task"), "retention": _shown(p, "retention"), **extra}
+
+
+def trial_summary(t: TrialResult, ref: tuple[float, float], ideal: tuple[float, float],
+                  select: dict | None = None) -> dict:
     last = final_point(t.points)
     over = overshoot(t.points)
-    k = knee(t.points)
+    sel = _selected(t.points, select)
+    rew = best_rewound(t.points).point
     return {"trial": t.name, "method": t.method, "budget": t.budget, "lr": t.lr, "seed": t.seed,
             "trainable_params": t.trainable, "final_step": last.step, "final_task": _shown(last, "task"),
             "final_retention": _shown(last, "retention"),
             "final_task_ci": _shown_ci(last, "task"), "final_retention_ci": _shown_ci(last, "retention"),
             "final_dominated": bool(over), "dominated_by": [p.step for p in over],
-            "knee_step": k.point.step, "knee_task": _shown(k.point, "task"),
-            "knee_retention": _shown(k.point, "retention"), "knee_reason": k.reason,
+            "final": _at(last), "selected": _at(sel.point, base=is_base(sel.point)) if sel else None,
+            "selected_reason": sel.reason if sel else "no point qualifies under the rule",
+            "rewound": _at(rew),
             "hypervolume": _hv(t.points, ref, ideal), "oriented_final": [last.task, last.retention], **t.stats}
 
 
@@ -81,17 +140,19 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def build_leaderboard(results: list[TrialResult], rule: str = "hypervolume", task: str = "",
-                      retention: str = "") -> dict:
-    """{rows, trials, reference_point, ideal_point, rule, normalisation}; rows best first by hypervolume."""
+                      retention: str = "", select: dict | None = None) -> dict:
+    """{rows, trials, reference_point, ideal_point, rule, select, normalisation}; rows best first by hypervolume.
+    `select` is the config's `select:` section ({max_kl: x}, {min_task: y}, or empty for the default knee)."""
     if rule not in RULES:
         raise ValueError(f"lr rule {rule!r}: one of {sorted(RULES)}")
     results = [r for r in results if r.points]
     pts = [p for r in results for p in r.points]
     if not pts:
-        return {"rows": [], "trials": [], "rule": RULES[rule], "task": task, "retention": retention}
+        return {"rows": [], "trials": [], "rule": RULES[rule], "task": task, "retention": retention,
+                "select": select_params(select), "select_rule": rule_text(select)}
     ref = (min(p.task for p in pts), min(p.retention for p in pts))
     ideal = (max(p.task for p in pts), max(p.retention for p in pts))
-    summaries = [trial_summary(r, ref, ideal) for r in results]
+    summaries = [trial_summary(r, ref, ideal, select) for r in results]
     kept = {}
     for s in summaries:  # one learning rate per (method, budget, seed), by the rule
         k = (s["method"], s["budget"], s["seed"])
@@ -105,7 +166,8 @@ def build_leaderboard(results: list[TrialResult], rule: str = "hypervolume", tas
     sample = results[0].points[0]
     return {"task": task or sample.meta.get("task_name", "task"),
             "retention": retention or sample.meta.get("retention_name", "retention"),
-            "rule": RULES[rule], "rows": rows, "trials": summaries,
+            "rule": RULES[rule], "select": select_params(select), "select_rule": rule_text(select),
+            "rows": rows, "trials": summaries,
             "reference_point": [_unorient(ref[0], sample, "task"), _unorient(ref[1], sample, "retention")],
             "ideal_point": [_unorient(ideal[0], sample, "task"), _unorient(ideal[1], sample, "retention")],
             "normalisation": "each axis min-max scaled over every scored checkpoint of every trial and the base; "
@@ -139,11 +201,26 @@ def _row(kept: list[dict]) -> dict:
     b = first["budget"]
     row["off_budget"] = bool(b) and abs(first["trainable_params"] - b) > 0.10 * b
     row["final_dominated"] = sum(s["final_dominated"] for s in kept)
-    row["knee"] = [{"seed": s["seed"], "step": s["knee_step"], "task": s["knee_task"],
-                    "retention": s["knee_retention"]} for s in kept]
-    row["final_task_ci"] = first["final_task_ci"] if len(kept) == 1 else None
-    row["final_retention_ci"] = first["final_retention_ci"] if len(kept) == 1 else None
+    row["per_seed"] = [{"seed": s["seed"], **{k: s[k] for k in POINTS}} for s in kept]
+    row["points"] = {k: _across_seeds([s[k] for s in kept if s[k]]) for k in POINTS}
+    row["points"]["selected"]["base_kept"] = sum(bool(s["selected"] and s["selected"]["base"]) for s in kept)
     return row
+
+
+def _across_seeds(at: list[dict]) -> dict:
+    """One point's task and retention (scores' own units) as mean and 95% t-interval over the seeds."""
+    return {"task": mean_ci([a["task"] for a in at]), "retention": mean_ci([a["retention"] for a in at]),
+            "steps": [a["step"] for a in at], "n": len(at)}
+
+
+def ci_text(m: dict, fmt: str = "{:.4g}") -> str:
+    """'0.5 [0.3, 0.7] (n=3)', or '0.5 (n=1)' where one seed gives no interval."""
+    if not m or m.get("n", 0) == 0:
+        return "-"
+    text = fmt.format(m["mean"])
+    if m.get("ci_low") is not None:
+        text += f" [{fmt.format(m['ci_low'])}, {fmt.format(m['ci_high'])}]"
+    return f"{text} (n={m['n']})"
 
 
 def _num(v, sd=None, fmt="{:.3f}") -> str:
@@ -160,11 +237,11 @@ def format_leaderboard(board: dict) -> str:
         return "leaderboard: no finished trial with both scores"
     gpu = any(_finite(r.get("peak_gpu_mb")) for r in rows)
     head = (f"{'method':<8}{'budget':>9}{'trainable':>12}{'lr':>10}  {board['task'][:18]:>18}  "
-            f"{board['retention'][:18]:>18}  {'knee step':>9}{'overshoot':>10}{'HV':>12}{'tok/s':>9}"
+            f"{board['retention'][:18]:>18}  {'sel. step':>9}{'overshoot':>10}{'HV':>12}{'tok/s':>9}"
             f"{'peak MB':>9}" + (f"{'GPU MB':>8}" if gpu else "") + f"{'wall s':>8}{'CPU s':>8}{'tokens':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        knees = ",".join(str(k["step"]) for k in r["knee"])
+        knees = ",".join(str(k["selected"]["step"]) if k.get("selected") else "-" for k in r["per_seed"])
         overshot = f"{r['final_dominated']}/{r['seeds']}"
         peak = _num(r.get("peak_mem_mb"), None, "{:.0f}") + ("" if r.get("peak_scope", "trial") == "trial" else "*")
         lines.append(
@@ -177,8 +254,10 @@ def format_leaderboard(board: dict) -> str:
             + (f"{_num(r.get('peak_gpu_mb'), None, '{:.0f}'):>8}" if gpu else "")
             + f"{_num(r.get('wall_s'), None, '{:.0f}'):>8}{_num(r.get('cpu_s'), None, '{:.0f}'):>8}"
             f"{_num(r.get('tokens'), None, '{:,.0f}'):>10}")
+    lines += ["", *points_table(board)]
     ref = ", ".join(f"{v:.4g}" for v in board["reference_point"])
     lines += ["", f"learning rate per method: {board['rule']}; with several seeds: mean±sd over seeds",
+              f"sel. step: the checkpoint per seed chosen by the rule {board.get('select_rule') or rule_text(None)}",
               "overshoot: seeds whose final checkpoint an earlier one dominates beyond its confidence interval",
               f"HV: hypervolume, {board['normalisation']}; reference point ({board['task']}, {board['retention']}) "
               f"= ({ref})", RESOURCE_NOTE]
@@ -189,6 +268,31 @@ def format_leaderboard(board: dict) -> str:
         lines.append("* process-wide peak (the high-water mark since the process started, not the trial's own): "
                      "this system could not reset it per trial (/proc/self/clear_refs)")
     return "\n".join(lines)
+
+
+POINT_NOTE = {"final": "the last checkpoint", "selected": "chosen by the select rule",
+              "rewound": "the best task score along the path"}
+
+
+def points_table(board: dict) -> list[str]:
+    """Final, selected and rewound points per (method, budget): mean [95% t-interval across seeds] (n seeds)."""
+    rows = [r for r in board.get("rows", []) if r.get("points")]
+    if not rows:
+        return []
+    head = f"{'method':<8}{'budget':>9}  {'point':<9}{'steps':>12}  {board['task'][:30]:>32}  {board['retention'][:30]:>32}"
+    lines = [f"points across seeds: mean [95% t-interval] (n seeds); select rule: "
+             f"{board.get('select_rule') or rule_text(None)}", head, "-" * len(head)]
+    for r in rows:
+        for i, k in enumerate(POINTS):
+            m = r["points"][k]
+            base = m.get("base_kept", 0)
+            steps = ",".join(map(str, m["steps"])) or "-"
+            lines.append(f"{r['method'] if not i else '':<8}{_budget(r['budget']) if not i else '':>9}  {k:<9}"
+                         f"{steps:>12}  {ci_text(m['task']):>32}  {ci_text(m['retention']):>32}"
+                         + (f"  base kept in {base}/{r['seeds']} seed(s): no checkpoint beat it" if base else ""))
+    lines.append("final: " + POINT_NOTE["final"] + "; selected: " + POINT_NOTE["selected"] + "; rewound: "
+                 + POINT_NOTE["rewound"] + "; interval: mean ± t(0.975, n-1)·sd/√n over seeds, none for n=1")
+    return lines
 
 
 def _finite(v) -> bool:

@@ -114,7 +114,7 @@ def arena_from_dict(data: dict) -> tuple[ArenaSection, dict]:
 
 def trial_hash(cfg: RunConfig) -> str:
     """What makes two trials the same: the whole config but its name and folder."""
-    d = cfg.to_dict()
+    d = {k: v for k, v in cfg.to_dict().items() if k != "select"}  # selection reads the path, it trains nothing
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "output_dir")}
     d = yaml.safe_load(yaml.safe_dump(d))  # as it reads back from config.yaml (floats, tuples)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -147,14 +147,54 @@ def leaderboard(data: ReportData) -> str | None:
     if not rows:
         return None
     cols: list[str] = []
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
+    for r in rows:  # flat columns; the nested per-seed points get their own table below
+        cols.extend(k for k in r if k not in cols and k not in NESTED)
     meta = [("task", board.get("task")), ("retention", board.get("retention")),
+            ("selection rule", board.get("select_rule")),
             ("normalisation", board.get("normalisation")), ("reference point", board.get("reference_point"))]
     info = "; ".join(f"{esc(k)}: <b>{esc(fmt(v))}</b>" for k, v in meta if v is not None)
     note = RESOURCE_NOTE if any(c in RESOURCE_LABELS for c in cols) else ""
     return (f"<p>{info}</p>" if info else "") + table(
-        [esc(column_label(c)) for c in cols], [[esc(fmt(r.get(c))) for c in cols] for r in rows], "num") + note
+        [esc(column_label(c)) for c in cols], [[esc(fmt(r.get(c))) for c in cols] for r in rows], "num") + note + \
+        points_across_seeds(board, rows)
+
+
+NESTED = ("points", "per_seed")
+POINT_NAMES = {"final": "final (the last checkpoint)", "selected": "selected (by the select rule)",
+               "rewound": "rewound (the best task score along the path)"}
+
+
+def _mean_ci(m) -> str:
+    """'0.5 [0.3, 0.7] (n=3)', or '0.5 (n=1)' where one seed gives no interval."""
+    if not isinstance(m, dict) or not m.get("n") or not finite(m.get("mean")):
+        return "-"
+    text = fmt(m["mean"])
+    if finite(m.get("ci_low")) and finite(m.get("ci_high")):
+        text += f" [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]"
+    return f"{text} (n={m['n']})"
+
+
+def points_across_seeds(board: dict, rows: list[dict]) -> str:
+    """Final, selected and rewound points per (method, budget): mean and 95% t-interval across seeds."""
+    body = []
+    for r in rows:
+        pts = r.get("points")
+        if not isinstance(pts, dict):
+            continue
+        for k, label in POINT_NAMES.items():
+            m = pts.get(k) if isinstance(pts.get(k), dict) else {}
+            kept = m.get("base_kept") or 0
+            body.append([esc(r.get("method")), esc(fmt(r.get("budget"))), esc(label),
+                         esc(", ".join(str(s) for s in m.get("steps", [])) or "-"),
+                         esc(_mean_ci(m.get("task"))), esc(_mean_ci(m.get("retention"))),
+                         esc(f"base kept in {kept} of {r.get('seeds')} seed(s): no checkpoint beat it" if kept else "")])
+    if not body:
+        return ""
+    return (f"<h3>Final, selected and rewound points across seeds</h3><p>Mean [95% t-interval across seeds: mean ± "
+            f"t(0.975, n&minus;1)&middot;sd/&radic;n] (n seeds; one seed gives no interval). Selected by "
+            f'<span class="rule">{esc(board.get("select_rule") or "select: default")}</span>.</p>'
+            + table(["method", "budget", "point", "steps (per seed)", esc(str(board.get("task") or "task")),
+                     esc(str(board.get("retention") or "retention")), "note"], body, "num"))
 
 
 # What a trial cost (measured by the arena around each trial), with its unit: leaderboard.json's names.
