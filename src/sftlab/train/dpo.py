@@ -21,15 +21,14 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from .. import tokens
-from ..faults import fault
 from ..data.collate import BatchPlan, pad_batch
 from ..data.formats import Record
 from ..data.preferences import Preference, read_preferences
 from ..data.tokenize import Example, TokenizeStats, fit_length, tokenize_record, use_chat_template
 from ..errors import DataError, SftlabError
+from ..faults import fault
 from ..objectives import dpo_loss, forward_hidden, sequence_logps, to_device
 
 REF_VERSION = 1
@@ -270,42 +269,29 @@ def summarise(sums: dict, pairs: float, prefix: str = "") -> dict:
             f"{prefix}logps/rejected": sums["logps_rejected_sum"] / n}
 
 
-def accumulate(trainer, micro: list[dict]) -> tuple[float, float, dict]:
-    """Forward + backward over a step's micro-batches: (summed loss, pairs in the global step, metrics).
+class DpoTerm:
+    """The DPO loss (and variants) of a micro-batch of pairs, a mean over the step's pairs, so accumulation
+    equals one large batch and each pair weighs the same whatever its length (train/step.accumulate)."""
 
-    The loss is divided by the pairs of the whole step, so accumulation equals one large batch and each
-    pair weighs the same whatever its length."""
-    dev, world, o = trainer.dist.device, trainer.dist.world, trainer.cfg.objective
-    counts = torch.tensor([float(sum(b["pairs"] for b in micro)), float(sum(b["n_tokens"] for b in micro)),
-                           float(sum(int((b["targets"] != -100).sum()) for b in micro))])
-    if world > 1:
-        counts = counts.to(dev)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
-    n_pairs = float(counts[0])
-    sums = dict.fromkeys(METRIC_SUMS, 0.0)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.cfg.train.precision == "bf16")
-    for i, batch in enumerate(micro):
-        batch = to_device(batch, dev)
-        sync = i == len(micro) - 1 or world == 1
-        ctx = trainer.model.no_sync() if (world > 1 and not sync) else _Null()
-        with ctx:
-            with autocast:
-                ref_c, ref_r = _reference(trainer, batch)
-                c, r, nc, nr = pair_logps(trainer.model, batch)
-            # DDP averages gradients over processes; times `world` makes it a mean over the global step's pairs.
-            loss, m = dpo_loss(c, r, ref_c.float(), ref_r.float(), nc, nr, o.beta, o.loss, o.label_smoothing,
-                               n_pairs / world)
-            loss.backward()
-        for k in METRIC_SUMS:
-            sums[k] += m[k]
-    if world > 1:
-        t = torch.tensor([sums[k] for k in METRIC_SUMS[1:]], device=dev, dtype=torch.float64)
-        dist.all_reduce(t)
-        sums.update(zip(METRIC_SUMS[1:], t.tolist()))
-    info = {"tokens": int(counts[1]), "trained_tokens": int(counts[2]), "pairs": int(n_pairs),
-            **summarise(sums, n_pairs)}
-    return sums["loss_sum"], n_pairs, info
+    sums = METRIC_SUMS
+
+    def __init__(self, objective):
+        self.o = objective
+
+    def counts(self, micro):
+        return [sum(b["pairs"] for b in micro), sum(b["n_tokens"] for b in micro),
+                sum(int((b["targets"] != -100).sum()) for b in micro)]
+
+    def loss(self, trainer, batch, normaliser, autocast):
+        o = self.o
+        with autocast:
+            ref_c, ref_r = _reference(trainer, batch)
+            c, r, nc, nr = pair_logps(trainer.model, batch)
+        return dpo_loss(c, r, ref_c.float(), ref_r.float(), nc, nr, o.beta, o.loss, o.label_smoothing, normaliser)
+
+    def info(self, sums, counts):
+        n = float(counts[0])
+        return {"tokens": int(counts[1]), "trained_tokens": int(counts[2]), "pairs": int(n), **summarise(sums, n)}
 
 
 def eval_batches(trainer) -> list[dict]:
@@ -334,12 +320,3 @@ def evaluate(trainer) -> dict:
         model.train(was)
     return {"eval_loss": sums["loss_sum"] / max(n, 1), "eval_pairs": n, "eval_correct": int(sums["correct"]),
             **summarise(sums, n, "eval_")}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-

@@ -25,10 +25,11 @@ from ..errors import DataError, ModelError, SftlabError
 from ..faults import fault
 from ..methods import METHODS
 from ..models import load_model, load_tokenizer, resolve_model
-from ..objectives import OBJECTIVES, eval_loss, forward_hidden, to_device
+from ..objectives import OBJECTIVES, eval_loss
 from ..resources import peak_rss_mb
 from . import checkpoint as ckpt
 from . import dpo, sharding, speed
+from . import step as step_fn
 from .callbacks import build_callbacks, close_all
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
@@ -122,6 +123,9 @@ class Trainer:
         self.method = METHODS.get(cfg.method.name)
         self.objective = OBJECTIVES.get(cfg.objective.name)
         self.dpo = cfg.objective.name == "dpo"
+        # the step's loss: one term per objective, plus extra terms (remedies' penalties) added to it
+        self.term = dpo.DpoTerm(cfg.objective) if self.dpo else step_fn.SftTerm()
+        self.extra_terms: list = []
         self.start = None  # runs.StartPoint when model.init_from names a run to start from
 
     # ---- setup ----------------------------------------------------------------------------
@@ -256,7 +260,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> dict:
         """One optimizer step over grad_accum micro-batches; the loss is a mean over the step's trained tokens
         (sft) or pairs (dpo)."""
-        loss_sum, denom, info = (dpo.accumulate if self.dpo else Trainer._accumulate_sft)(self, micro)
+        loss_sum, denom, info = step_fn.accumulate(self, micro, self.term, self.extra_terms)
         self._hook("after_backward", self)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
@@ -271,31 +275,6 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum / max(denom, 1.0), "grad_norm": grad_norm, "lr": lr, **info, "skipped": bad}
-
-    def _accumulate_sft(self, micro: list[dict]) -> tuple[float, float, dict]:
-        """Forward + backward over the micro-batches: (summed loss, trained tokens of the global step, counts)."""
-        dev, world = self.dist.device, self.dist.world
-        n_trained = torch.tensor(float(sum(int((b["targets"] != -100).sum()) for b in micro)))
-        n_tokens = torch.tensor(float(sum(b["n_tokens"] for b in micro)))
-        if world > 1:
-            both = torch.stack([n_trained, n_tokens]).to(dev)
-            dist.all_reduce(both)
-            n_trained, n_tokens = both[0].cpu(), both[1].cpu()
-        loss_sum = 0.0
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
-        for i, batch in enumerate(micro):
-            batch = to_device(batch, dev)
-            sync = i == len(micro) - 1 or world == 1
-            ctx = self.model.no_sync() if (world > 1 and not sync) else _null()
-            with ctx:
-                with autocast:
-                    hidden, head = forward_hidden(self.model, batch)
-                    # DDP averages gradients over processes; times `world` turns that into a sum,
-                    # so the loss is a mean over all trained tokens of the global step.
-                    loss, m = self.objective(hidden, batch["targets"], head, float(n_trained) / world)
-                loss.backward()
-            loss_sum += m["loss_sum"]
-        return loss_sum, float(n_trained), {"tokens": int(n_tokens), "trained_tokens": int(n_trained)}
 
     def _global_loss_and_verdict(self, loss_sum: float, grad_norm: float) -> tuple[float, bool]:
         """The step's loss summed over processes, and whether the step is bad (non-finite loss or gradient).
