@@ -175,12 +175,11 @@ def import_bitsandbytes():
     if _hidden and sys.modules.get("bitsandbytes", 0) is None:
         del sys.modules["bitsandbytes"]
         _hidden = False
-    if "bitsandbytes" in sys.modules:
+    if "bitsandbytes" in sys.modules:  # imported already (by peft in the caller's process, say)
         import bitsandbytes
-
-        return bitsandbytes
-    with _bnb_logs_to_debug():
-        import bitsandbytes
+    else:
+        with _bnb_logs_to_debug():
+            import bitsandbytes
     # LLM.int8 rounds a scoring pass's activations to fp16 (the module docstring says so): logged for every layer
     # and call, it buried the run's own lines
     cast = logging.getLogger("bitsandbytes.autograd._functions")
@@ -190,7 +189,7 @@ def import_bitsandbytes():
     if pu is not None and hasattr(pu.is_bnb_4bit_available, "cache_clear"):
         pu.is_bnb_4bit_available.cache_clear()
     helpers = sys.modules.get("peft.helpers")
-    if helpers is not None and getattr(helpers, "bnb", None) is None:
+    if helpers is not None and getattr(helpers, "bnb", None) is None and hasattr(bitsandbytes, "nn"):
         helpers.bnb = bitsandbytes
     return bitsandbytes
 
