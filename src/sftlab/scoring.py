@@ -115,6 +115,7 @@ class ScoreCallback:
 
     def __init__(self, trainer):
         self.trainer = trainer
+        self.scored: list[tuple[int, dict]] = []  # (step, scores) not yet announced: the loop sends on_scored
         self.probes = build_probes(trainer.cfg, "cheap")
         self.ctx = context_for(trainer.cfg, trainer.ref, trainer.dist.device)
         self.seconds = 0.0
@@ -127,17 +128,19 @@ class ScoreCallback:
         if share is not None:
             write_json_atomic(share, scores)
         self.seconds += time.time() - t0
+        self.scored.append((step, scores))
 
     def on_train_start(self, step: int) -> None:
         if step != 0:
             return
         # A run started from another run's checkpoint (model.init_from, e.g. DPO after SFT) does not start at
         # the base: its step 0 is that checkpoint, scored here, never the base's shared scores.
-        at_base = self.trainer.method.starts_at_base and getattr(self.trainer, "start", None) is None
+        at_base = self.trainer.method.starts_at_base and self.trainer.start is None
         share = base_scores_file(self.trainer.cfg, self.trainer.ref) if at_base else None
         if share is not None and share.is_file():
-            append_scores(self.trainer.run_dir, 0, json.loads(share.read_text(encoding="utf-8")),
-                          {"shared": str(share)})
+            scores = json.loads(share.read_text(encoding="utf-8"))
+            append_scores(self.trainer.run_dir, 0, scores, {"shared": str(share)})
+            self.scored.append((0, scores))
             return
         self._score(0, share)
 

@@ -8,6 +8,18 @@ from typing import Protocol
 
 
 class Callback(Protocol):
+    """The loop's events, in the order they come (Trainer._loop):
+
+    on_train_start(step): before the first step (step 0, or the step a resumed run goes on from).
+    on_step_end(step, metrics): after each optimizer step (metrics: the step's metrics.jsonl fields).
+    on_eval(step, metrics): after a held-out loss pass (train.eval_every, and the last step).
+    on_checkpoint(step, entry): a trajectory checkpoint is complete (entry: its trajectory.jsonl line).
+    on_scored(step, scores): the probes scored the model at this step (step 0: the starting model).
+    on_train_end(step, summary): the run reached train.steps (or stopped on bad steps, then raises).
+    on_close(failed): always the last event, after on_train_end, or instead of it when the run failed.
+    Every event but on_step_end, on_eval, on_checkpoint and on_train_end is optional to implement.
+    """
+
     def on_step_end(self, step: int, metrics: dict) -> None: ...
     def on_eval(self, step: int, metrics: dict) -> None: ...
     def on_checkpoint(self, step: int, entry: dict) -> None: ...
@@ -18,9 +30,11 @@ class Callback(Protocol):
 
 
 class Base:
+    def on_train_start(self, step): pass
     def on_step_end(self, step, metrics): pass
     def on_eval(self, step, metrics): pass
     def on_checkpoint(self, step, entry): pass
+    def on_scored(self, step, scores): pass
     def on_train_end(self, step, summary): pass
     def on_close(self, failed): pass
 
@@ -133,6 +147,14 @@ class Progress(Base):
 
     def on_close(self, failed):
         self.bar.close()
+
+
+def emit(cbs: list, event: str, *args) -> None:
+    """Send an optional event to every callback that implements it."""
+    for cb in cbs:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(*args)
 
 
 def close_all(cbs: list, failed: bool) -> None:

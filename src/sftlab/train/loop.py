@@ -6,6 +6,7 @@ loss by the step's trained tokens, backward, clip, AdamW -> log, eval, checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -30,7 +31,7 @@ from ..resources import peak_rss_mb
 from . import checkpoint as ckpt
 from . import dpo, sharding, speed
 from . import step as step_fn
-from .callbacks import build_callbacks, close_all
+from .callbacks import build_callbacks, close_all, emit
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
 
@@ -105,28 +106,73 @@ def peak_memory_mb(device) -> float:
     return peak_rss_mb()  # VmHWM: resettable, so an arena trial's figure is its own (see sftlab.resources)
 
 
-class Trainer:
-    """Holds the state of one run; `run()` is the loop.
+@dataclass
+class Hooks:
+    """For tests and tools that must act at exact points (not callbacks: a hook may mutate or raise, e.g. to
+    poison gradients or simulate a crash; callbacks only observe). Each is called with the trainer unless said.
 
-    `hooks` are for tests and tools that must act at exact points (they are not callbacks: a hook may
-    raise, e.g. to simulate a crash). Known names: "after_setup"(trainer); "after_backward"(trainer), when
-    the step's gradients are accumulated and reduced, before the finite check and clipping (a test may poison
-    them here); "before_optimizer_step"(trainer), when the gradients are final (reduced and clipped) and
-    the step is applied (not called for a skipped non-finite step); "after_step"(trainer, step, metrics),
-    after that step's checkpoint; "before_rename"(tmp_checkpoint_dir).
+    after_setup: the model, data and optimizer are built, nothing has run.
+    after_backward: the step's gradients are accumulated and reduced, before the finite check and clipping.
+    before_optimizer_step: the gradients are final (reduced and clipped) and about to be applied (not called
+        for a skipped non-finite step).
+    after_step(trainer, step, metrics): after that step's logging and checkpoint.
+    before_rename(tmp_checkpoint_dir): a checkpoint's files are written, before its rename.
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, hooks: dict | None = None):
-        self.cfg, self.resume, self.hooks = cfg, resume, hooks or {}
-        self.run_dir = cfg.run_dir
-        self.dist = init_distributed()
+    after_setup: object = None
+    after_backward: object = None
+    before_optimizer_step: object = None
+    after_step: object = None
+    before_rename: object = None
+
+    @classmethod
+    def of(cls, hooks) -> "Hooks":
+        """A Hooks from a Hooks, a {name: fn} dict (a misspelt name is an error, not a hook that never runs)
+        or None."""
+        if hooks is None or isinstance(hooks, cls):
+            return hooks or cls()
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(hooks) - set(known))
+        if unknown:
+            raise TypeError(f"unknown trainer hook(s) {unknown}; known: {known}")
+        return cls(**hooks)
+
+    def get(self, name: str):
+        return getattr(self, name)
+
+
+class Trainer:
+    """Holds the state of one run; `run()` is the loop. Every attribute is declared here; setup() fills those
+    that need the model and data (None before it)."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, hooks: Hooks | dict | None = None):
+        self.cfg, self.resume, self.hooks = cfg, resume, Hooks.of(hooks)
+        self.run_dir: Path = cfg.run_dir
+        self.dist: Dist = init_distributed()
         self.method = METHODS.get(cfg.method.name)
         self.objective = OBJECTIVES.get(cfg.objective.name)
-        self.dpo = cfg.objective.name == "dpo"
+        self.dpo: bool = cfg.objective.name == "dpo"
         # the step's loss: one term per objective, plus extra terms (remedies' penalties) added to it
         self.term = dpo.DpoTerm(cfg.objective) if self.dpo else step_fn.SftTerm()
-        self.extra_terms: list = []
+        self.extra_terms: list[step_fn.ExtraTerm] = []
         self.start = None  # runs.StartPoint when model.init_from names a run to start from
+        # filled by setup()
+        self.ref = None  # models.ModelRef of the base (retention is measured against it)
+        self.start_id: str | None = None  # the starting point's identity (caches of its outputs are keyed by it)
+        self.sharding = None  # sharding.Sharding
+        self.tokenizer = None
+        self.data: Prepared | dpo.PreparedPairs | None = None
+        self.token_plan = None  # tokens.TokenPlan when model.new_tokens is set
+        self.model: torch.nn.Module | None = None
+        self.params: dict = {}  # trainable_report
+        self.plan = None  # BatchPlan | dpo.PairPlan: the data order, a function of (seed, epoch)
+        self.total_steps: int = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.eval_batches: list[dict] = []
+        self.scorer = None  # scoring.ScoreCallback when probes score during training
+        # the position in the run (resume state): finished steps, epoch, micro-batch, skipped steps
+        self.pos: dict = {"step": 0, "epoch": 0, "micro": 0, "skipped": 0, "bad_in_row": 0}
 
     # ---- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -140,7 +186,7 @@ class Trainer:
             self.tokenizer = load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision)
             tokens.add_tokens(self.tokenizer, cfg.model.new_tokens)  # before the data is tokenized
             prepare = dpo.prepare_pairs if self.dpo else partial(prepare_data, progress=self.dist.main)
-            self.data: Prepared | dpo.PreparedPairs = prepare(cfg, self.tokenizer)
+            self.data = prepare(cfg, self.tokenizer)
             seed_everything(cfg.run.seed)  # adapter init is seeded
             if self.start is not None:  # an earlier run's checkpoint (merged), e.g. DPO after SFT
                 model = self.start.load(cfg.model.dtype)
@@ -196,7 +242,7 @@ class Trainer:
         self._hook("after_setup", self)
 
     def _hook(self, name: str, *args) -> None:
-        fn = self.hooks.get(name)
+        fn = getattr(self.hooks, name)
         if fn is not None:
             fn(*args)
 
@@ -319,15 +365,16 @@ class Trainer:
         if d.main and cfg.probes and cfg.scoring.during_training:
             from ..scoring import ScoreCallback
 
-            cbs.insert(0, ScoreCallback(self))
+            self.scorer = ScoreCallback(self)
+            cbs.insert(0, self.scorer)
         if cfg.quantization.enabled:  # after the scoring passes: gradients still reach the adapter (quantize.py)
             from ..quantize import GradientGuard
 
             cbs.append(GradientGuard(self.model))
         failed = True
         try:
-            for cb in cbs:
-                getattr(cb, "on_train_start", lambda step: None)(self.pos["step"])
+            emit(cbs, "on_train_start", self.pos["step"])
+            self._announce_scores(cbs)
             if d.main:
                 p = self.params
                 print(f"sftlab: {cfg.method.name}: {p['trainable_params']:,} trainable of {p['total_params']:,} "
@@ -377,6 +424,11 @@ class Trainer:
             self._maybe_checkpoint(step, last, cbs)
             self._hook("after_step", self, step, metrics)
 
+    def _announce_scores(self, cbs) -> None:
+        """on_scored, after the event whose scoring pass produced the scores has reached every callback."""
+        while self.scorer is not None and self.scorer.scored:
+            emit(cbs, "on_scored", *self.scorer.scored.pop(0))
+
     def _count_bad(self, metrics: dict) -> None:
         """Skipped steps in total and in a row; both live in the position, so a resumed run counts on."""
         self.pos.setdefault("skipped", 0)
@@ -411,9 +463,10 @@ class Trainer:
             return
         if traj:
             entry = ckpt.write_checkpoint(self.run_dir, step, self.model, self.method.peft,
-                                          before_rename=self.hooks.get("before_rename"), state=full.get("weights"))
+                                          before_rename=self.hooks.before_rename, state=full.get("weights"))
             for cb in cbs:
                 cb.on_checkpoint(step, entry)
+            self._announce_scores(cbs)
         if resume_due or last:
             ckpt.save_resume(self.run_dir, self.model, self.optimizer, self.scheduler, dict(self.pos),
                              full.get("trainable"), full.get("optimizer"))
@@ -427,5 +480,5 @@ class _null:
         return False
 
 
-def train(cfg: RunConfig, resume: bool = False, hooks: dict | None = None) -> Path:
+def train(cfg: RunConfig, resume: bool = False, hooks: Hooks | dict | None = None) -> Path:
     return Trainer(cfg, resume, hooks).run()
