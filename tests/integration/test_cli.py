@@ -294,6 +294,9 @@ def test_each_config_starts_with_its_command_and_validates(path, monkeypatch, ca
     raw = yaml.safe_load(path.read_text())
     if "stages" in raw:  # a pipeline: its stages are run configs, validated by the pipeline's own tests
         return
+    if "study" in raw:  # a study: --plan validates every arena it would run
+        assert main(["study", f"configs/{path.name}", "--plan"]) == 0
+        return
     if "arena" in raw:  # an arena: the shared sections are a run config without a method
         from sftlab.arena import load_arena
 

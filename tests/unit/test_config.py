@@ -35,6 +35,11 @@ def test_example_config_loads(path):
         folder, stages = read_pipeline(path)
         by_name = {s.name: s for s in stages}
         assert all(stage_config(folder, s, by_name).method.name in METHODS for s in stages)
+    elif "study" in raw:  # a study: each (model, task) arena config validates
+        from sftlab.study.config import load_study, plan
+
+        study, base = load_study(path)
+        assert len(plan(study, base)) == len(study.models) * len(study.tasks)
     elif "arena" in raw:
         from sftlab.arena import load_arena
 

@@ -22,6 +22,8 @@ PACKAGE = "sftlab"
 LAYERS: list[list[str]] = [
     ["sftlab.cli"],
     ["sftlab.demo"],
+    # a study composes arenas, interpolation and analysis into findings
+    ["sftlab.study"],
     # applications over runs: each reads run directories or drives training
     ["sftlab.arena", "sftlab.report", "sftlab.pipeline", "sftlab.analysis", "sftlab.data.inspect"],
     # budget solving counts a built model's trainable parameters with the trainer's own report

@@ -23,7 +23,7 @@ activations-step-NNNNNN.json
     {step, layers: [int], points: ["block", "attn", "mlp"], task_source,
      sets: {"general" | "task": {texts, tokens,
             layers: {layer: {point: {tokens, cosine_drift, norm_log_ratio, cka, procrustes_residual,
-                                     raw_distance, procrustes_gain, gram_distortion,
+                                     raw_distance, procrustes_gain, procrustes_centred, gram_distortion,
                                      subspace_k32, subspace_k64}}},
             response: {module name: E||dW h||^2 / E||W0 h||^2},     every changed linear module
             response_per_layer: {layer: mean response}}}}

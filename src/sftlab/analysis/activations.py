@@ -10,7 +10,8 @@ in float64 (several are differences of nearly equal sums).
   1 for identical representations and under any orthogonal transform or isotropic scaling;
 - orthogonal Procrustes (Schonemann 1966): min_R orthogonal ||X0 R - X1||_F / ||X0||_F
   = sqrt(||X0||^2 + ||X1||^2 - 2 ||X0^T X1||_*) / ||X0||_F, beside the raw ||X1 - X0||_F / ||X0||_F; their
-  difference is the part of the move a rotation explains;
+  difference is the part of the move a rotation explains; `procrustes_centred` is the residual after centring
+  both (subtracting column means), PEFT-Arena's definition, which its forgetting correlation uses;
 - Gram distortion ||K1 - K0||_F / ||K0||_F, K = Xn Xn^T with row-normalised tokens (token-to-token cosine
   structure), computed through d x d products, never the T x T matrices;
 - PCA subspace distance for k in (32, 64): P0, P1 the top-k principal directions (d, k) of the centred X;
@@ -98,9 +99,10 @@ def compare(x0: torch.Tensor, x1: torch.Tensor, ks: tuple[int, ...] = (32, 64)) 
     if x0.shape != x1.shape:
         raise ValueError(f"activations differ in shape: {tuple(x0.shape)} vs {tuple(x1.shape)}")
     residual, raw = procrustes(x0, x1)
+    centred, _ = procrustes(x0 - x0.mean(0), x1 - x1.mean(0))  # PEFT-Arena's definition (REFERENCES.md)
     out = {"tokens": int(x0.shape[0]), "cosine_drift": cosine_drift(x0, x1), "norm_log_ratio": norm_log_ratio(x0, x1),
            "cka": linear_cka(x0, x1), "procrustes_residual": residual, "raw_distance": raw,
-           "procrustes_gain": raw - residual, "gram_distortion": gram_distortion(x0, x1)}
+           "procrustes_gain": raw - residual, "procrustes_centred": centred, "gram_distortion": gram_distortion(x0, x1)}
     pcs = (principal_directions(x0), principal_directions(x1))  # one eigendecomposition serves every k
     for k in ks:
         out[f"subspace_k{k}"] = subspace_distance(x0, x1, k, pcs)
@@ -108,7 +110,7 @@ def compare(x0: torch.Tensor, x1: torch.Tensor, ks: tuple[int, ...] = (32, 64)) 
 
 
 ACT_KEYS = ("cosine_drift", "norm_log_ratio", "cka", "procrustes_residual", "raw_distance", "procrustes_gain",
-            "gram_distortion", "subspace_k32", "subspace_k64")
+            "procrustes_centred", "gram_distortion", "subspace_k32", "subspace_k64")
 
 
 # ---- capture ------------------------------------------------------------------------------------------
