@@ -278,7 +278,8 @@ def oft_paths(a: ArenaData, method: str = "oft") -> dict:
         dk, dt = est(r["d_kl"]), est(r["d_task"])
         parts.append(f"alpha {r['alpha']:g}: dense minus generator KL {dk.text('.3g')}, task {dt.text('.3g')}")
     sig = [r for r in inner if est(r["d_kl"]).excludes_zero()]
-    verdict = ("the two paths do not differ beyond the seeds' spread at any inner alpha" if not sig else
+    verdict = ("not enough data to test a difference: one seed, no spread across seeds" if len(trials) < 2 else
+               "the two paths do not differ beyond the seeds' spread at any inner alpha" if not sig else
                "they differ in KL at alpha " + ", ".join(f"{r['alpha']:g} (dense "
                f"{'more' if r['d_kl']['mean'] > 0 else 'less'})" for r in sig))
     return {"rows": rows, "n": len(trials), "answer": f"Over {len(trials)} {method} trial(s): "
