@@ -151,7 +151,14 @@ def test_offline_eval_frontier_and_rewind(pipeline_run, tmp_path, capsys):
     assert main(["frontier", str(run_dir)]) == 0
     assert "kl_to_base" in capsys.readouterr().out
     dest = tmp_path / "rewound"
-    assert main(["rewind", str(run_dir), "--policy", "knee", "--search", "--alphas", "0.5,1.0", "-o", str(dest)]) == 0
+    # The knee keeps the base here: six DPO steps do not beat its held-out CI, and the knee (like the retention
+    # budget rule) never recommends a checkpoint that is not better than the base. A task floor every checkpoint
+    # meets picks one (the least forgetting), and the search interpolates towards it from the SFT model.
+    capsys.readouterr()
+    assert main(["rewind", str(run_dir), "--search", "--alphas", "0.5,1.0", "-o", str(tmp_path / "knee")]) == 2
+    assert "base model (step 0): nothing to export" in capsys.readouterr().err
+    assert main(["rewind", str(run_dir), "--policy", "max_retention_with_task", "--min-task", "100", "--search",
+                 "--alphas", "0.5,1.0", "-o", str(dest)]) == 0
     assert "chosen: step" in capsys.readouterr().out
 
 
