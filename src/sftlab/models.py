@@ -135,7 +135,7 @@ class ModelRef:
     spec: str  # what the config said
     location: str  # local folder or hub id handed to from_pretrained
     sha256: str  # content hash (local) or '' for hub ids not yet downloaded
-    source: str  # "embedded" | "gguf" | "local" | "hub"
+    source: str  # "embedded" | "fetched" | "gguf" | "local" | "hub"
 
     def identity(self) -> dict:
         return {"spec": self.spec, "location": self.location, "sha256": self.sha256, "source": self.source}
@@ -147,6 +147,11 @@ def resolve_model(spec: str, gguf_file: str = "", content_hash: bool = True) -> 
     if spec == DEFAULT_MODEL:
         loc = ensure_default_model()
         return ModelRef(spec, loc, digest(loc), "embedded")
+    from .fetch import FETCHABLE, resolve_fetched
+
+    if spec in FETCHABLE:  # fetched on demand (sftlab setup --model NAME), converted like the embedded model
+        loc = resolve_fetched(spec)
+        return ModelRef(spec, loc, digest(loc), "fetched")
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         loc = str(ensure_converted(p))

@@ -175,9 +175,11 @@ def test_chat_template_required(tokenizer):
     tok = fresh_tokenizer(None)
     with pytest.raises(ModelError, match="data.template"):
         tokenize_all([chat(MULTI)], tok, DataSection(template="chat"))
-    # auto falls back to raw, where chat data cannot be rendered
+    # raw cannot render chat data; auto without a template renders it in the plain format (test_gemma.py)
     with pytest.raises(ModelError, match="chat template"):
-        tokenize_all([chat(MULTI)], tok, DataSection(template="auto"))
+        tokenize_all([chat(MULTI)], tok, DataSection(template="raw"))
+    ex, _ = tokenize_all([chat(MULTI)], tok, DataSection(template="auto"))
+    assert "\nAnswer: " in tok.decode(ex[0].input_ids)
     ex, _ = tokenize_all([pc("a", "b")], tok, DataSection(template="auto"))
     assert ex[0].input_ids[-1] == tok.eos_token_id
 

@@ -5,6 +5,10 @@ rendering each conversation prefix with and without the generation prompt and di
 so the prompt/answer boundary never depends on `{% generation %}` markers in the template. The
 end-of-turn token after each answer stays a label (otherwise the model never learns to stop); note
 that for SmolLM2 it is also the pad token, so padding is masked by length, never by token id.
+
+A tokenizer without a chat template (a base model such as Gemma-3-270M) under data.template=auto gets
+sftlab's plain format instead (`render_plain`): each turn a paragraph, each answer after "Answer:" on the
+next line, the final answer followed by EOS, the tokenizer's BOS in front; answers are found the same way.
 """
 
 from __future__ import annotations
@@ -50,10 +54,34 @@ def use_chat_template(tokenizer, template: str) -> bool:
     return has if template == "auto" else template == "chat"
 
 
-def render_chat(tokenizer, messages: list[dict], assistant_turns: str, train_on_prompt: bool, source: str):
-    """Return (text, spans): the rendered chat and the character spans to train on."""
+PLAIN_CUE = "Answer:"  # what precedes an answer in the plain format; the answer follows after one space
+
+
+def render_plain(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """A conversation as plain text for a model without a chat template: turns are paragraphs, an assistant
+    turn is "Answer: <content>" on the line after its question, and the generation prompt is the cue alone:
+
+        Which desk code does this article go to? ...      (user)
+        <BLANK LINE>
+        Apollo 11 was ...                                  (the same user turn's second paragraph)
+        Answer: H                                          (assistant)
+    """
+    out = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            out += f"\n{PLAIN_CUE} {m['content']}"
+        else:
+            out += ("\n\n" if i else "") + m["content"]
+    return out + (f"\n{PLAIN_CUE}" if add_generation_prompt else "")
+
+
+def render_chat(tokenizer, messages: list[dict], assistant_turns: str, train_on_prompt: bool, source: str,
+                plain: bool = False):
+    """Return (text, spans): the rendered chat and the character spans to train on (`plain`: render_plain)."""
 
     def render(msgs, gen):
+        if plain:
+            return render_plain(msgs, gen)
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     text = render(messages, False)
@@ -93,6 +121,20 @@ def label_offsets(tokenizer, text: str, spans: list[tuple[int, int]]):
         end = max(end, start + 1)  # zero-width offsets: treat as the character at `start`
         if any(start < e and end > s for s, e in spans):
             labels[j] = ids[j]
+    return ids, labels
+
+
+def plain_ids(tokenizer, text: str, spans: list[tuple[int, int]], messages: list[dict]):
+    """Token ids and labels of a plain-format chat: the tokenizer's leading specials (BOS) + the text + EOS,
+    which is a label when the final turn is a trained answer (the model learns to stop, as with end-of-turn)."""
+    ids, labels = label_offsets(tokenizer, text, spans)
+    probe = tokenizer("a")["input_ids"]
+    lead = probe[:_n_leading_specials(tokenizer, probe)]  # BOS where the tokenizer adds one (Gemma), else none
+    ids, labels = lead + ids, [IGNORE] * len(lead) + labels
+    eos = tokenizer.eos_token_id
+    if eos is not None and messages and messages[-1]["role"] == "assistant":
+        trained = bool(spans) and spans[-1][1] >= len(text.rstrip())
+        ids, labels = ids + [eos], labels + [eos if trained else IGNORE]
     return ids, labels
 
 
@@ -139,9 +181,14 @@ def tokenize_record(tokenizer, rec: Record, chat: bool, cfg) -> Example:
             {"role": "user", "content": rec.prompt}, {"role": "assistant", "content": rec.completion}]
         text, spans = render_chat(tokenizer, messages, cfg.assistant_turns, cfg.train_on_prompt, rec.source)
         ids, labels = label_offsets(tokenizer, text, spans)
+    elif rec.kind == "chat" and cfg.template == "auto":  # the tokenizer has no chat template: the plain format
+        text, spans = render_chat(tokenizer, rec.messages, cfg.assistant_turns, cfg.train_on_prompt, rec.source,
+                                  plain=True)
+        ids, labels = plain_ids(tokenizer, text, spans, rec.messages)
     elif rec.kind == "chat":
-        raise ModelError(f"{rec.source}: chat data needs a chat template, but data.template is 'raw' or the "
-                         "tokenizer has none; set data.template=chat with a tokenizer that has a template")
+        raise ModelError(f"{rec.source}: chat data needs a chat template or sftlab's plain format, but "
+                         "data.template is 'raw'; set data.template=auto (the plain format when the tokenizer has "
+                         "no template) or chat")
     else:
         ids, labels = tokenize_raw(tokenizer, rec, cfg.train_on_prompt)
     ex = Example(ids, labels, rec.source)

@@ -30,7 +30,15 @@ MODULE_SETS: dict[str, tuple[str, ...]] = {
 }
 # PEFT's IA3 defaults for the Llama family (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING): targets, feed-forward.
 IA3_DEFAULT = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
-MODEL_TYPES = ("llama", "mistral")  # the decoder layout these formulas know (and the tests verify)
+IA3_DEFAULTS = {"gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"])}  # where PEFT's differ
+# The decoder layouts these formulas know (and the tests verify). Gemma-3's text decoder has the same seven
+# projections and adds RMSNorms: one on the queries and one on the keys (head_dim each, after the projection),
+# and a second pair around the MLP (pre/post feed-forward); its embedding is scaled by sqrt(hidden) at run time
+# (no parameter), and its head is tied.
+MODEL_TYPES = ("llama", "mistral", "gemma3_text")
+LAYER_NORMS = {"gemma3_text": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                               "post_feedforward_layernorm")}
+QK_NORM = ("gemma3_text",)
 
 
 class BudgetError(SftlabError):
@@ -89,8 +97,10 @@ class ModelShape:
                 out.append((f"model.layers.{i}.{part}.{name}.weight", n_in * n_out))
                 if self.attention_bias if part == "self_attn" else self.mlp_bias:
                     out.append((f"model.layers.{i}.{part}.{name}.bias", n_out))
-            out += [(f"model.layers.{i}.input_layernorm.weight", self.hidden),
-                    (f"model.layers.{i}.post_attention_layernorm.weight", self.hidden)]
+                if name == "o_proj" and self.model_type in QK_NORM:
+                    out += [(f"model.layers.{i}.self_attn.{n}.weight", self.head_dim) for n in ("q_norm", "k_norm")]
+            norms = LAYER_NORMS.get(self.model_type, ("input_layernorm", "post_attention_layernorm"))
+            out += [(f"model.layers.{i}.{n}.weight", self.hidden) for n in norms]
         out.append(("model.norm.weight", self.hidden))
         if not self.tied:  # tied: the head is the embedding, listed once
             out.append(("lm_head.weight", self.vocab * self.hidden))
@@ -225,16 +235,21 @@ def count_prompt(shape: ModelShape, o) -> int:
     return o.num_virtual_tokens * shape.hidden
 
 
-def ia3_modules(o) -> tuple[list[str], list[str]]:
-    """(targets, feed-forward targets) as PEFT will resolve them (its defaults when unset)."""
-    targets = module_names(o.target_modules) if o.target_modules else IA3_DEFAULT[0]
-    ff = module_names(o.feedforward_modules) if o.feedforward_modules else IA3_DEFAULT[1]
+def ia3_default(shape: ModelShape) -> tuple[list[str], list[str]]:
+    return IA3_DEFAULTS.get(shape.model_type, IA3_DEFAULT)
+
+
+def ia3_modules(o, shape: ModelShape | None = None) -> tuple[list[str], list[str]]:
+    """(targets, feed-forward targets) as PEFT will resolve them (its defaults for the architecture when unset)."""
+    default = ia3_default(shape) if shape is not None else IA3_DEFAULT
+    targets = module_names(o.target_modules) if o.target_modules else default[0]
+    ff = module_names(o.feedforward_modules) if o.feedforward_modules else default[1]
     return targets, ff
 
 
 def count_ia3(shape: ModelShape, o) -> int:
     # One vector per module: over the input for feed-forward modules, over the output otherwise.
-    targets, ff = ia3_modules(o)
+    targets, ff = ia3_modules(o, shape)
     per_layer = sum(shape.linear(n)[0 if n in ff else 1] for n in targets)
     return per_layer * layer_count(shape, o.layers)
 
@@ -333,7 +348,7 @@ def boft_candidates(shape, o, pinned, search):
 
 
 def ia3_candidates(shape, o, pinned, search):
-    for mods, m_changed in module_choices(pinned, o.target_modules, IA3_DEFAULT[0], explicit=True):
+    for mods, m_changed in module_choices(pinned, o.target_modules, ia3_default(shape)[0], explicit=True):
         # IA3 scales the MLP's inner activation (the down projection's input), as in Liu et al. 2022.
         ff = o.feedforward_modules if "feedforward_modules" in pinned else (
             ["down_proj"] if "down_proj" in module_names(mods) else None)
@@ -395,7 +410,7 @@ def describe_rotation(shape, o):
 
 
 def describe_ia3(shape, o):
-    targets, ff = ia3_modules(o)
+    targets, ff = ia3_modules(o, shape)
     return f"vectors on {modules_label(targets)} (input side: {'+'.join(ff) or 'none'}), " \
            f"{layers_label(shape, o.layers)}"
 

@@ -45,11 +45,16 @@ def apply(model, o: PrefixOptions, token_indices: dict[str, list[int]] | None = 
 
 def base_key_values(base, ids: list[int]):
     """The base's keys and values for `ids` at positions 0..n-1: (layers, 2, kv_heads, n, head_dim)."""
+    import inspect
+
     import torch
+    from transformers import DynamicCache
 
     emb = base.get_input_embeddings().weight
+    # A plain cache keeps every position's keys; the model's own (Gemma-3's) drops those beyond a sliding window.
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # renamed in 5.2x
     with torch.no_grad():
-        out = base(input_ids=torch.tensor([ids], device=emb.device), use_cache=True)
+        out = base(input_ids=torch.tensor([ids], device=emb.device), use_cache=True, **{name: DynamicCache()})
     cache = out.cache if "cache" in out else out.past_key_values  # transformers >= 5.2x renamed it
     layers = getattr(cache, "layers", None)
     pairs = ([(lay.keys, lay.values) for lay in layers] if layers is not None

@@ -59,8 +59,24 @@ class KLOptions:
         check(self.max_length >= 2, "max_length", "must be >= 2")
 
 
-def position_logits(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
-    """Yield (example index, position offset, logits (n, V) float32) over every position of every example."""
+LOGIT_BLOCK = 1 << 25  # elements of one (positions x vocab) fp32 block: 128 MB; the callers hold ~4 such blocks
+
+
+def logit_chunk(vocab: int, most: int = 512) -> int:
+    """Positions per block of logits: `most` for vocabularies up to 64k (SmolLM2's 49,152: unchanged), fewer for
+    larger ones (Gemma-3's 262,144: 128), so one block stays within LOGIT_BLOCK whatever the vocabulary."""
+    return max(1, min(most, LOGIT_BLOCK // max(1, vocab)))
+
+
+def _out_size(head) -> int:
+    """The output layer's vocabulary (nn.Linear, PEFT-wrapped or quantized: out_features; else its weight rows)."""
+    n = getattr(head, "out_features", None)
+    return int(n) if n else int(head.weight.shape[0])
+
+
+def position_logits(model, examples, pad: int, batch_size: int, device, chunk: int | None = None):
+    """Yield (example index, position offset, logits (n, V) float32) over every position of every example,
+    `chunk` positions at a time (default: logit_chunk of the output layer's size)."""
     from ..data.collate import pad_batch
     from ..objectives import forward_hidden, to_device
     from .likelihood import length_batches, scoring
@@ -69,13 +85,15 @@ def position_logits(model, examples, pad: int, batch_size: int, device, chunk: i
         for idx in length_batches(examples, batch_size):
             batch = to_device(pad_batch([examples[i] for i in idx], pad), device)
             hidden, head = forward_hidden(model, batch)  # (B, L, H)
+            if chunk is None:
+                chunk = logit_chunk(_out_size(head))
             for r, i in enumerate(idx):
                 n = len(examples[i].input_ids)
                 for s in range(0, n, chunk):
                     yield i, s, head(hidden[r, s:min(n, s + chunk)]).float()  # (n, V)
 
 
-def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk: int = 512):
+def position_logprobs(model, examples, pad: int, batch_size: int, device, chunk: int | None = None):
     """Yield (example index, position offset, log-probs (n, V) float32) over every position of every example."""
     for i, s, logits in position_logits(model, examples, pad, batch_size, device, chunk):
         yield i, s, logits.log_softmax(-1)
@@ -86,14 +104,15 @@ def _rest_logprob(logp, ids):
     return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
-def base_topk(model, examples, pad: int, batch_size: int, device, k: int, tail: int = 0, seed: int = 0) -> dict:
+def base_topk(model, examples, pad: int, batch_size: int, device, k: int, tail: int = 0, seed: int = 0,
+              chunk: int | None = None) -> dict:
     """Per position (concatenated over examples in order): top-k ids and log-probs, the rest log-mass, and
     (tail > 0) `tail` token ids drawn from the base's distribution restricted to the rest, with their log-probs."""
     import torch
 
     parts: dict[int, list] = {i: [] for i in range(len(examples))}
     gen = None
-    for i, _, logp in position_logprobs(model, examples, pad, batch_size, device):
+    for i, _, logp in position_logprobs(model, examples, pad, batch_size, device, chunk):
         vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (n, k)
         masked = logp.scatter(-1, ids, float("-inf"))  # (n, V): the base outside its top-k
         row = [ids.int().cpu(), vals.cpu(), masked.logsumexp(-1).cpu()]
@@ -114,7 +133,7 @@ def base_topk(model, examples, pad: int, batch_size: int, device, k: int, tail: 
 
 
 def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device,
-                 outside: list | None = None) -> list[tuple[float, int]]:
+                 outside: list | None = None, chunk: int | None = None) -> list[tuple[float, int]]:
     """Per example: (sum over positions of the top-k + rest [+ sampled tail] KL(base || model), positions).
 
     A model with more output rows than the base (new tokens, padding: tokens.py) is compared on the base's
@@ -128,7 +147,7 @@ def kl_from_topk(model, examples, ref: dict, pad: int, batch_size: int, device,
     vocab = int(ref["vocab"][0]) if "vocab" in ref else None  # caches written before new tokens lack it
     if outside is not None:
         outside[:] = [[0.0, 0.0] for _ in examples]
-    for i, s, logits in position_logits(model, examples, pad, batch_size, device):
+    for i, s, logits in position_logits(model, examples, pad, batch_size, device, chunk):
         if vocab is not None and logits.shape[-1] > vocab:
             lz_out = logits[:, vocab:].logsumexp(-1) - logits.logsumexp(-1)  # (n,) log of the mass outside
             logits = logits[:, :vocab]

@@ -254,7 +254,7 @@ def answer_examples(tokenizer, prompts: list[list[dict]], answers: list[str], te
     chat = use_chat_template(tokenizer, template)
     out = []
     for msgs, ans, src in zip(prompts, answers, sources):
-        if chat:
+        if chat or template == "auto":  # auto without a chat template: the plain format, as in training
             rec = Record("chat", src, messages=msgs + [{"role": "assistant", "content": ans}])
         else:
             rec = Record("prompt_completion", src, prompt="\n\n".join(m["content"] for m in msgs), completion=ans)

@@ -65,11 +65,14 @@ def reference(row: dict, place: str, fields: tuple[str, ...] = ("completion", "a
 
 
 def render_prompt(tokenizer, messages: list[dict], template: str = "auto") -> str:
-    """The text a model continues: the chat with a generation prompt, or the user turns joined (raw)."""
-    from ..data.tokenize import use_chat_template
+    """The text a model continues: the chat with a generation prompt, the plain format's cue (auto without a
+    chat template, as in training), or the user turns joined (raw)."""
+    from ..data.tokenize import render_plain, use_chat_template
 
     if use_chat_template(tokenizer, template):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template == "auto":
+        return render_plain(messages, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages)
 
 
