@@ -62,7 +62,7 @@ def test_text_init_computes_the_base_on_text_then_row(model_dir, name, n):
 @pytest.mark.parametrize("name, n, bound", [("prefix", 4, 0.5), ("prompt", 87, 0.5)])
 def test_demo_step0_kl_to_base(name, n, bound):
     """On SmolLM2 with the demo's retention probe, at the demo's 50k budget: measured 0.22 (prefix, random:
-    3.84) and 0.33 (prompt, random: 0.84) in bf16 (README, Methods); the text start must stay far below random."""
+    3.84) and 0.33 (prompt, random: 0.84) in bf16 (docs/methods.md); the text start must stay far below random."""
     from sftlab.demo import FULL
     from sftlab.models import load_model, load_tokenizer, resolve_model
     from sftlab.probes.base import ProbeContext
