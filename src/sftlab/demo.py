@@ -41,16 +41,17 @@ FULL = DemoPlan(("full", "lora", "oft", "prefix", "prompt"), steps=60, batch_siz
 QUICK = DemoPlan(("lora", "oft"), steps=36, batch_size=8, checkpoint_every=6, n_task=24, n_general=4,
                  n_generate=4)
 BUDGET = "50k"  # trainable parameters: prompt tuning reaches it with 87 virtual tokens, prefix with 4
-# Learning rates chosen by the sweep recorded in DEVELOPERS.md (largest hypervolume per method), which
-# `sftlab demo --sweep` reruns: the same arena with SWEEP_LRS.
-LRS = {"full": 1e-4, "lora": 3e-3, "oft": 1e-2, "prefix": 1e-1, "prompt": 3e-2}
+# Each method trains at its registered default_lr: the rate the sweep recorded in DEVELOPERS.md chose (largest
+# hypervolume per method), which `sftlab demo --sweep` reruns: the same arena with SWEEP_LRS.
 SWEEP_LRS = {"full": [3e-5, 1e-4], "lora": [3e-3, 1e-2], "oft": [1e-2, 3e-2], "prefix": [3e-2, 1e-1],
              "prompt": [3e-2, 1e-1]}
 
 
 def demo_arena(data: DemoData, plan: DemoPlan, output_dir: str, name: str, sweep: bool = False) -> dict:
     """The arena config, as a user would write it in YAML (it is saved next to the results)."""
-    lrs = {m: (SWEEP_LRS[m] if sweep else [LRS[m]]) for m in plan.methods}
+    from .methods import default_lr
+
+    lrs = {m: (SWEEP_LRS[m] if sweep else [default_lr(m)]) for m in plan.methods}
     return {
         "arena": {"name": name, "output_dir": output_dir, "methods": list(plan.methods), "budgets": [BUDGET],
                   "lrs": lrs, "task": "classify", "retention": "kl_to_base"},
@@ -128,8 +129,10 @@ def _generate_samples(folder: Path) -> None:
 
 def base_scores(folder: Path) -> dict | None:
     """The base model's classify score (step 0 of a trial that starts at the base), for the summary."""
+    from .methods import resolve
+
     for t in read_arena(folder)["trials"]:
-        if t["method"] in ("prefix", "prompt"):
+        if not resolve(t["method"])[0].starts_at_base:  # virtual tokens: step 0 is not the base
             continue
         for e in read_trajectory(folder / t["run_dir"]):
             if e["step"] == 0 and "classify" in e.get("scores", {}):

@@ -47,6 +47,14 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def unregister(self, name: str) -> T:
+        """Remove `name` (tests that register their own things take them out again)."""
+        self._provide()
+        try:
+            return self._items.pop(name)
+        except KeyError:
+            raise UnknownNameError(unknown_name_message(self.kind, name, self._items)) from None
+
     def get(self, name: str) -> T:
         self._provide()
         try:

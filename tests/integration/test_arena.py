@@ -14,6 +14,7 @@ from conftest import memorisable_chats, write_jsonl
 from sftlab.arena import load_arena, plan_trials
 from sftlab.arena.runner import trial_state
 from sftlab.cli import main
+from sftlab.methods import METHODS
 from sftlab.train.loop import Trainer
 
 
@@ -43,7 +44,8 @@ def test_plan_matches_budgets_caps_and_refuses(tmp_path, tiny_model_dir):
     arena, base = load_arena(arena_config(tmp_path, tiny_model_dir, methods=["lora", "prefix", "prompt", "ia3"],
                                           lrs={}))
     trials = plan_trials(arena, base)
-    assert {t.lr for t in trials if t.method == "lora"} == {3e-4, 1e-3, 3e-3}  # the default sweep: 3 rates
+    lr = METHODS.get("lora").default_lr  # the registration's rate (3e-3: the demo's sweep), times lr_factors
+    assert {t.lr for t in trials if t.method == "lora"} == {float(f"{lr * f:.3g}") for f in (0.3, 1.0, 3.0)}
     for t in trials:
         if t.method == "ia3":  # at most one vector per projection, far below 4k: capped there and flagged
             assert not t.refused and t.capped and t.record()["capped"] and "capped" in t.note

@@ -26,8 +26,9 @@ LAYERS: list[list[str]] = [
     ["sftlab.study"],
     # applications over runs: each reads run directories or drives training
     ["sftlab.arena", "sftlab.report", "sftlab.pipeline", "sftlab.analysis", "sftlab.data.inspect"],
-    # budget solving counts a built model's trainable parameters with the trainer's own report
-    ["sftlab.methods.budget", "sftlab.methods.budget_rules"],
+    # budget solving counts a built model's trainable parameters with the trainer's own report (the rules it
+    # counts with, budget_rules, are part of each method's registration: in the methods layer)
+    ["sftlab.methods.budget"],
     # the training loop, and rewinding along the path it wrote
     ["sftlab.train", "sftlab.rewinding", "sftlab.interpolate"],
     ["sftlab.scoring"],

@@ -1,5 +1,6 @@
 """Contract tests generated from the method registry: a newly registered method is tested here
-without writing a test (add an entry to OVERRIDES only if the defaults do not suit it).
+without writing a test (add an entry to OVERRIDES only if the defaults do not suit it). A method registered
+only inside one test file (tests/unit/test_toy_method.py) runs the same tests as functions, via train_method.
 
 For every registered method:
   (a) training on a small memorisable task at least halves the eval loss;
@@ -100,10 +101,15 @@ _TRAINED: dict[str, Trained] = {}  # one training per method, also for tests tha
 
 @pytest.fixture(scope="module", params=METHOD_NAMES)
 def trained(request, tmp_path_factory, learnable_model_dir, chats_file) -> Trained:
+    return train_method(request.param, tmp_path_factory, learnable_model_dir, chats_file)
+
+
+def train_method(name: str, tmp_path_factory, learnable_model_dir: Path, chats_file: Path) -> Trained:
+    """Train `name` once (with settings(name)) and record its start and final eval loss: the contract tests'
+    subject; a test file that registers its own method calls this and then the tests below as functions."""
     from sftlab.objectives import eval_loss
     from sftlab.train.loop import Trainer
 
-    name = request.param
     if name in _TRAINED:
         return _TRAINED[name]
     cfg = method_config(tmp_path_factory.mktemp(f"method-{name}"), learnable_model_dir, chats_file, name)

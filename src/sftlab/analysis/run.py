@@ -247,7 +247,7 @@ def analyze_step(run, step: int, base, tok, names: list[str], cache: wts.SVDCach
     tuned, merged = load_tuned(run, step)
     t1 = time.perf_counter()
     if merged:
-        mods = weight_section(base, tuned, names, cache, opts, run.method.merge == "rotation", bar)
+        mods = weight_section(base, tuned, names, cache, opts, run.method.merge.rotation, bar)
         wsum = wts.aggregate(mods, layer_of)
         wfile = {"step": step, "method": run.method.name, "weight_change": True, "modules": mods}
     else:

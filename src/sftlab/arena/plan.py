@@ -20,12 +20,6 @@ import yaml
 from ..config import RunConfig, config_from_dict, read_yaml
 from ..configtools import ConfigError, apply_overrides, check, doc, from_dict
 
-# Learning rates that train each method on small models in a few dozen steps; the sweep multiplies them
-# by `lr_factors`. They are starting points, not tuned results (the demo's sweep is in DEVELOPERS.md).
-DEFAULT_LR = {"full": 3e-5, "lora": 1e-3, "dora": 1e-3, "oft": 3e-3, "boft": 3e-3, "ia3": 1e-2, "prefix": 1e-2,
-              "prompt": 3e-2}
-
-
 @dataclass
 class ArenaSection:
     name: str = doc("the arena folder's name (under output_dir)", default="arena")
@@ -39,8 +33,8 @@ class ArenaSection:
                              "its largest setting and flagged",
                              default_factory=lambda: ["1M"])
     seeds: list[int] = doc("seeds; each (method, budget, lr) runs once per seed", default_factory=lambda: [0])
-    lrs: dict[str, list[float]] = doc("per method, the learning rates to sweep (absent: the method's default "
-                                      "times lr_factors)", default_factory=dict)
+    lrs: dict[str, list[float]] = doc("per method, the learning rates to sweep (absent: the method's registered "
+                                      "default_lr times lr_factors)", default_factory=dict)
     lr_factors: list[float] = doc("the default sweep: multiples of each method's default learning rate",
                                   default_factory=lambda: [0.3, 1.0, 3.0])
     lr_rule: Literal["hypervolume", "final_task"] = doc(
@@ -123,7 +117,9 @@ def trial_hash(cfg: RunConfig) -> str:
 def lr_grid(arena: ArenaSection, method: str) -> list[float]:
     if method in arena.lrs:
         return list(arena.lrs[method])
-    base = DEFAULT_LR.get(method, 1e-3)
+    from ..methods import default_lr
+
+    base = default_lr(method)  # the method's registration (a preset: its own or its method's)
     return [float(f"{base * f:.3g}") for f in arena.lr_factors]
 
 
@@ -140,14 +136,14 @@ def _short(n: int | None, text: str = "") -> str:
 
 def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial]:
     """Every (method, budget, lr, seed), each with a validated config (or refused, with the reason)."""
-    from ..methods import METHODS
+    from ..methods import resolve
     from ..methods.budget import BudgetError, budget_count, solve_budget
 
     shape = model_shape if model_shape is not None else base.get("model", {}).get("path", "")
     budgets = [budget_count(str(b), shape) for b in arena.budgets]
     labels = {n: str(b) for n, b in zip(budgets, arena.budgets)}
     packing = bool((base.get("data") or {}).get("packing", False))
-    if packing and not all(METHODS.get("lora" if m == "dora" else m).packing for m in arena.methods):
+    if packing and not all(resolve(m)[0].packing for m in arena.methods):
         packing = False  # prefix/prompt cannot pack; every trial pads, so all see the same rows
     trials = []
     for method in arena.methods:

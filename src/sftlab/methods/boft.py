@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from ..configtools import check, doc
 from ..errors import SftlabError
 from .base import Method, peft_wrap, register_method, targets
+from .budget_rules import (BudgetError, BudgetRule, Family, ModelShape, describe_rotation, divisors, knob,
+                           layer_choices, layer_count, module_choices, module_names, tier, with_layers)
+from .merge import ROTATION
 
 
 @dataclass
@@ -58,5 +61,42 @@ def pytorch_path():
     return mock.patch.object(boft_layer, "get_fbd_cuda", return_value=None)
 
 
-register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge="rotation",
-                       load_context=pytorch_path, token_rows=True))
+def fits(n_in: int, b: int, m: int) -> bool:
+    """PEFT's BOFT constraints for m butterfly factors: 2^(m-1) blocks per butterfly, even blocks then."""
+    if n_in % b:
+        return False
+    return m == 1 or (b % 2 == 0 and (n_in // b) % 2 == 0 and n_in % (b * 2 ** (m - 1)) == 0)
+
+
+def count(shape: ModelShape, o) -> int:
+    # m factors of in/b full b x b blocks (boft_R) plus an output scale vector (boft_s) per module.
+    per_layer = 0
+    for name in module_names(o.target_modules, shape):
+        n_in, n_out = shape.linear(name)
+        if not fits(n_in, o.block_size, o.n_butterfly_factor):
+            raise BudgetError(f"budget: block_size {o.block_size} with {o.n_butterfly_factor} butterfly factor(s) "
+                              f"does not fit {name}'s {n_in} inputs")
+        per_layer += o.n_butterfly_factor * n_in * o.block_size + n_out
+    return per_layer * layer_count(shape, o.layers)
+
+
+def candidates(shape, o, pinned, search):
+    # More than one butterfly factor needs PEFT's CUDA kernel (see apply): searched only when it is on.
+    factors = knob(pinned, "n_butterfly_factor", o.n_butterfly_factor,
+                   range(1, 5) if o.cuda_kernel else [o.n_butterfly_factor])
+    for mods, m_changed in module_choices(pinned, o.target_modules, shape=shape):
+        ins = [shape.linear(n)[0] for n in module_names(mods, shape)]
+        for layers, l_changed in layer_choices(shape, pinned, o.layers, search):
+            for m in factors:
+                sizes = [b for b in divisors(min(ins)) if b >= 2 and all(fits(i, b, m) for i in ins)]
+                fixed = {"target_modules": with_layers(mods, layers, shape), "layers": layers}
+                if m != 1 or "n_butterfly_factor" in pinned:
+                    fixed["n_butterfly_factor"] = m
+                yield Family(tier(m_changed, l_changed), fixed, "block_size",
+                             knob(pinned, "block_size", o.block_size, sizes))
+
+
+# Not in the demo's sweep: OFT's rate (the same rotations, butterfly-factored).
+register_method(Method("boft", BOFTOptions, apply, "butterfly orthogonal fine-tuning", merge=ROTATION,
+                       load_context=pytorch_path, token_rows=True,
+                       budget=BudgetRule(count, candidates, describe_rotation), default_lr=1e-2))

@@ -31,8 +31,8 @@ from typing import Mapping
 
 from ..registry import RegistryError
 from . import METHODS
-from .budget_rules import (ALIASES, MAX_VIRTUAL_TOKENS, RULES, BudgetError, ModelShape, Search,
-                           read_config)
+from .base import PRESETS, resolve
+from .budget_rules import MAX_VIRTUAL_TOKENS, RULES, BudgetError, ModelShape, Search, read_config
 
 TOLERANCE = 0.10  # within this relative error of the budget a setting is a match
 REFUSE = 0.25  # beyond this no setting is offered
@@ -70,12 +70,19 @@ def model_shape(model: str | Path | Mapping | ModelShape) -> ModelShape:
 
 
 def resolve_method(method: str, base_options: Mapping | None) -> tuple[str, dict]:
-    name, implied = ALIASES.get(method, (method, {}))
+    """(registered method name, options): a preset (dora) names its method and the options it implies."""
     try:
-        RULES.get(name)
-    except RegistryError as e:
-        raise BudgetError(f"budget: {e}") from None
-    return name, {**implied, **dict(base_options or {})}
+        spec, implied = resolve(method)
+        RULES.get(spec.name)
+    except (RegistryError, BudgetError):
+        raise BudgetError(f"budget: {_unknown(method)}") from None
+    return spec.name, {**implied, **dict(base_options or {})}
+
+
+def _unknown(method: str) -> str:
+    from ..registry import unknown_name_message
+
+    return unknown_name_message("budget rule", method, method_names())
 
 
 def method_options(name: str, options: Mapping):
@@ -170,10 +177,12 @@ def choose(cands: list[tuple[int, dict, int]], target: int) -> tuple[int, dict, 
 
 
 def method_names() -> list[str]:
-    """Every method the solver sizes, full first and each alias after the method it is a variant of."""
+    """Every method the solver sizes, full first and each preset after the method it is a variant of."""
     names = ["full"] + [n for n in METHODS.names() if n in RULES and n != "full"]
-    for alias, (target, _implied) in ALIASES.items():
-        names.insert(names.index(target) + 1, alias)
+    for preset in PRESETS.names():
+        base = PRESETS.get(preset).base
+        if base in names:
+            names.insert(names.index(base) + 1, preset)
     return names
 
 

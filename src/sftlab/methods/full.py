@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from ..configtools import doc
 from .base import Method, register_method
+from .budget_rules import BudgetRule, Family, ModelShape
 
 
 @dataclass
@@ -18,4 +19,18 @@ def apply(model, opts: FullOptions):
     return model
 
 
-register_method(Method("full", FullOptions, apply, "full fine-tuning of all weights", peft=False))
+def count(shape: ModelShape, o) -> int:
+    return sum(n for name, n in shape.base_params() if not any(s in name for s in o.freeze))
+
+
+def candidates(shape, o, pinned, search):
+    yield Family(1, {})
+
+
+def describe(shape, o) -> str:
+    frozen = f", frozen: {', '.join(o.freeze)}" if o.freeze else ""
+    return f"every weight (the reference; its count is fixed){frozen}"
+
+
+register_method(Method("full", FullOptions, apply, "full fine-tuning of all weights", peft=False,
+                       budget=BudgetRule(count, candidates, describe, fixed=True), default_lr=1e-4))

@@ -4,6 +4,12 @@ from dataclasses import dataclass
 
 from ..configtools import check, doc
 from .base import Method, peft_wrap, register_method, targets
+from .budget_rules import (BudgetRule, Family, ModelShape, layer_choices, layer_count, layers_label,
+                           module_choices, module_names, modules_label, tier)
+
+# PEFT's IA3 defaults for the Llama family (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING): targets, feed-forward.
+DEFAULT = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
+DEFAULTS = {"gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"])}  # where PEFT's differ
 
 
 @dataclass
@@ -39,4 +45,42 @@ def apply(model, o: IA3Options, token_indices: dict[str, list[int]] | None = Non
     return peft_wrap(model, cfg, token_indices)
 
 
-register_method(Method("ia3", IA3Options, apply, "IA3 rescaling vectors", token_rows=True))
+def default_modules(shape: ModelShape) -> tuple[list[str], list[str]]:
+    return DEFAULTS.get(shape.model_type, DEFAULT)
+
+
+def modules(o, shape: ModelShape | None = None) -> tuple[list[str], list[str]]:
+    """(targets, feed-forward targets) as PEFT will resolve them (its defaults for the architecture when unset)."""
+    default = default_modules(shape) if shape is not None else DEFAULT
+    targets = module_names(o.target_modules, shape) if o.target_modules else default[0]
+    ff = module_names(o.feedforward_modules, shape) if o.feedforward_modules else default[1]
+    return targets, ff
+
+
+def count(shape: ModelShape, o) -> int:
+    # One vector per module: over the input for feed-forward modules, over the output otherwise.
+    targets, ff = modules(o, shape)
+    per_layer = sum(shape.linear(n)[0 if n in ff else 1] for n in targets)
+    return per_layer * layer_count(shape, o.layers)
+
+
+def candidates(shape, o, pinned, search):
+    for mods, m_changed in module_choices(pinned, o.target_modules, default_modules(shape)[0], explicit=True,
+                                          shape=shape):
+        # IA3 scales the MLP's inner activation (the down projection's input), as in Liu et al. 2022.
+        ff = o.feedforward_modules if "feedforward_modules" in pinned else (
+            ["down_proj"] if "down_proj" in module_names(mods, shape) else None)
+        for layers, l_changed in layer_choices(shape, pinned, o.layers, search):
+            yield Family(tier(m_changed, l_changed), {"target_modules": mods, "feedforward_modules": ff,
+                                                      "layers": layers})
+
+
+def describe(shape, o) -> str:
+    targets, ff = modules(o, shape)
+    return f"vectors on {modules_label(targets, shape=shape)} (input side: {'+'.join(ff) or 'none'}), " \
+           f"{layers_label(shape, o.layers)}"
+
+
+# Not in the demo's sweep: a starting point (rescaling vectors need high rates; tests use 1e-1 on tiny models).
+register_method(Method("ia3", IA3Options, apply, "IA3 rescaling vectors", token_rows=True,
+                       budget=BudgetRule(count, candidates, describe), default_lr=1e-2))

@@ -3,7 +3,9 @@
 from dataclasses import dataclass
 
 from ..configtools import check, doc
-from .base import Method, peft_wrap, register_method, targets
+from .base import Method, peft_wrap, register_method, register_preset, targets
+from .budget_rules import (BudgetRule, Family, ModelShape, knob, layer_choices, layer_count, layers_label,
+                           module_choices, module_names, modules_label, tier, with_layers)
 
 
 @dataclass
@@ -32,5 +34,30 @@ def apply(model, o: LoraOptions, token_indices: dict[str, list[int]] | None = No
     return peft_wrap(model, cfg)
 
 
+def count(shape: ModelShape, o) -> int:
+    # A (r x in) and B (out x r) per module; DoRA adds a magnitude vector of length out.
+    per_layer = 0
+    for name in module_names(o.target_modules, shape):
+        n_in, n_out = shape.linear(name)
+        per_layer += o.r * (n_in + n_out) + (n_out if o.use_dora else 0)
+    return per_layer * layer_count(shape, o.layers)
+
+
+def candidates(shape, o, pinned, search):
+    for mods, m_changed in module_choices(pinned, o.target_modules, shape=shape):
+        # A rank above a module's smaller side adds parameters without adding rank.
+        r_max = min(min(shape.linear(n)) for n in module_names(mods, shape))
+        for layers, l_changed in layer_choices(shape, pinned, o.layers, search):
+            fixed = {"target_modules": with_layers(mods, layers, shape), "layers": layers}
+            yield Family(tier(m_changed, l_changed), fixed, "r", knob(pinned, "r", o.r, range(1, r_max + 1)))
+
+
+def describe(shape, o) -> str:
+    return f"rank {o.r}{' DoRA' if o.use_dora else ''} on {modules_label(o.target_modules, shape=shape)}, " \
+           f"{layers_label(shape, o.layers)}"
+
+
+# The demo's sweep (DEVELOPERS.md) chose 3e-3 for LoRA at 50k parameters on SmolLM2.
 register_method(Method("lora", LoraOptions, apply, "low-rank adapters (LoRA; DoRA and rsLoRA options)",
-                       token_rows=True))
+                       token_rows=True, budget=BudgetRule(count, candidates, describe), default_lr=3e-3))
+register_preset("dora", "lora", {"use_dora": True}, "LoRA with DoRA's learned magnitudes (Liu et al. 2024)")

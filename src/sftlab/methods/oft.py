@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from ..configtools import check, doc
 from .base import Method, peft_wrap, register_method, targets
+from .budget_rules import (BudgetError, BudgetRule, Family, ModelShape, describe_rotation, divisors, knob,
+                           layer_choices, layer_count, module_choices, module_names, tier, with_layers)
+from .merge import ROTATION
 
 
 @dataclass
@@ -41,5 +44,33 @@ def apply(model, o: OFTOptions, token_indices: dict[str, list[int]] | None = Non
     return peft_wrap(model, cfg, token_indices)
 
 
+def check_block(shape: ModelShape, names: list[str], b: int) -> None:
+    # PEFT's OFT silently changes a block size that does not divide a layer's input; refuse it instead.
+    for name in names:
+        n_in = shape.linear(name)[0]
+        if n_in % b:
+            raise BudgetError(f"budget: block_size {b} does not divide {name}'s {n_in} inputs")
+
+
+def count(shape: ModelShape, o) -> int:
+    # in/b blocks per module, each a skew-symmetric b x b generator stored as its b(b-1)/2 free entries.
+    names = module_names(o.target_modules, shape)
+    check_block(shape, names, o.block_size)
+    tri = o.block_size * (o.block_size - 1) // 2
+    per_layer = sum((1 if o.block_share else shape.linear(n)[0] // o.block_size) * tri for n in names)
+    return per_layer * layer_count(shape, o.layers)
+
+
+def candidates(shape, o, pinned, search):
+    for mods, m_changed in module_choices(pinned, o.target_modules, shape=shape):
+        ins = [shape.linear(n)[0] for n in module_names(mods, shape)]
+        sizes = [b for b in divisors(min(ins)) if b >= 2 and all(i % b == 0 for i in ins)]
+        for layers, l_changed in layer_choices(shape, pinned, o.layers, search):
+            fixed = {"target_modules": with_layers(mods, layers, shape), "layers": layers}
+            yield Family(tier(m_changed, l_changed), fixed, "block_size",
+                         knob(pinned, "block_size", o.block_size, sizes))
+
+
 register_method(Method("oft", OFTOptions, apply, "orthogonal fine-tuning (exact Cayley rotations by default)",
-                       merge="rotation", token_rows=True))
+                       merge=ROTATION, token_rows=True, budget=BudgetRule(count, candidates, describe_rotation),
+                       default_lr=1e-2))

@@ -6,7 +6,7 @@ than random), not PEFT's random vectors. The tokens are `init_text`'s last `num_
 when it is shorter; prompt.text_token_ids). Their keys carry the rotary positions 0..n-1 and the row's own
 tokens then sit at n, n+1, ... (PEFT extends the attention mask and the cache), so the fresh prefix makes
 the model compute exactly what the base computes for `init_text` followed by the row. On the demo it
-starts at KL 0.22 to the base instead of 3.84 nats/token (README, Methods).
+starts at KL 0.22 to the base instead of 3.84 nats/token (docs/methods.md).
 """
 
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ from typing import Literal
 
 from ..configtools import ConfigError, check, doc
 from .base import Method, peft_wrap, register_method
+from .budget_rules import BudgetRule, Family, ModelShape, knob, virtual_tokens
 from .prompt import NEUTRAL_TEXT, on_meta, text_token_ids
 
 
@@ -86,5 +87,34 @@ def init_from_text(model, ids: list[int]) -> None:
         weight.copy_(flat.to(weight.dtype))
 
 
+def width(shape: ModelShape) -> int:
+    # PEFT sizes each layer's key (and value) prefix to the KV heads (grouped-query attention, peft#1901).
+    return shape.kv_heads * shape.head_dim
+
+
+def count(shape: ModelShape, o) -> int:
+    d, out = width(shape), 2 * shape.layers * width(shape)  # keys and values at every layer
+    if not o.projection:
+        return o.num_virtual_tokens * out
+    h = o.encoder_hidden_size  # embedding (tokens x d) -> Linear(d, h) -> tanh -> Linear(h, out)
+    return o.num_virtual_tokens * d + (d * h + h) + (h * out + out)
+
+
+def candidates(shape, o, pinned, search):
+    if not o.projection:
+        yield Family(1, {}, "num_virtual_tokens", virtual_tokens(o, pinned, search))
+        return
+    widths = knob(pinned, "encoder_hidden_size", o.encoder_hidden_size,
+                  sorted({2 ** k for k in range(3, 13)} | set(range(64, 2049, 64))))
+    for h in widths:
+        yield Family(1, {"encoder_hidden_size": h}, "num_virtual_tokens", virtual_tokens(o, pinned, search))
+
+
+def describe(shape, o) -> str:
+    how = f", through an MLP of width {o.encoder_hidden_size}" if o.projection else ""
+    return f"{o.num_virtual_tokens} virtual tokens of keys and values at all {shape.layers} layers{how}"
+
+
 register_method(Method("prefix", PrefixOptions, apply, "prefix tuning (learned per-layer key/value prefixes)",
-                       packing=False, merge=None, starts_at_base=False, token_rows=True))
+                       packing=False, merge=None, starts_at_base=False, token_rows=True,
+                       budget=BudgetRule(count, candidates, describe), default_lr=1e-1))

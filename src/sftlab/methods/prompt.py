@@ -4,7 +4,7 @@ A fair start (init: text, the default): the soft prompt begins as the embeddings
 instruction (Lester et al. find vocabulary-based inits train better than random vectors). The text's
 tokens are repeated to fill num_virtual_tokens and cut from the front, so its ending (a blank line) is
 what the row follows. On the demo (87 tokens) this starts at KL 0.33 to the base instead of 0.84; no init
-measured reached 0.25 at that length (README, Methods: every virtual token of context costs some KL).
+measured reached 0.25 at that length (docs/methods.md: every virtual token of context costs some KL).
 """
 
 from dataclasses import dataclass
@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..configtools import ConfigError, check, doc
 from .base import Method, peft_wrap, register_method
+from .budget_rules import BudgetRule, Family, ModelShape, virtual_tokens
 
 # The opening of the Alpaca instruction template: plain, task-free, and followed by a blank line.
 NEUTRAL_TEXT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -68,5 +69,18 @@ def text_token_ids(model, text: str, n: int, tokenizer: str = "") -> list[int]:
     return (ids * (n // len(ids) + 1))[-n:]
 
 
+def count(shape: ModelShape, o) -> int:
+    return o.num_virtual_tokens * shape.hidden
+
+
+def candidates(shape, o, pinned, search):
+    yield Family(1, {}, "num_virtual_tokens", virtual_tokens(o, pinned, search))
+
+
+def describe(shape, o) -> str:
+    return f"{o.num_virtual_tokens} virtual input tokens"
+
+
 register_method(Method("prompt", PromptOptions, apply, "prompt tuning (learned soft-prompt embeddings)",
-                       packing=False, merge=None, starts_at_base=False, token_rows=True))
+                       packing=False, merge=None, starts_at_base=False, token_rows=True,
+                       budget=BudgetRule(count, candidates, describe), default_lr=3e-2))

@@ -111,10 +111,9 @@ def score_generation(folder: Path, score: str) -> int:
 
 def path_kinds(run) -> list[str]:
     """The paths a run's method has: its own (additive or rotation), and for rotations also the dense delta."""
-    kind = run.method.merge
-    if kind is None:
-        return []
-    return [kind] if kind == "additive" else [kind, "additive"]
+    from ..methods.merge import paths_of
+
+    return [m.kind for m in paths_of(run.method.merge)]
 
 
 def score_paths(folder: Path, trial: dict, alphas: list[float], task: str, retention: str) -> Path | None:
