@@ -109,6 +109,10 @@ CASES = [
     ("arena-run-config-as-arena", "arena {d}/ok.yaml --plan", "arena config has no method section"),
     ("arena-invalid-yaml", "arena {d}/bad.yaml --plan", "not valid YAML"),
     ("arena-folder-as-file", "arena {d}/arena", "a folder"),
+    # study
+    ("study-missing-file", "study {d}/missing.yaml", "study config file not found"),
+    ("study-folder-as-file", "study {d}/empty --plan", "a folder"),
+    ("study-invalid-yaml", "study {d}/bad.yaml --plan", "not valid YAML"),
     # setup, demo
     ("setup-extra-argument", "setup extra", "unrecognized arguments: extra"),
     ("demo-output-dir-is-a-file", "demo --quick --output-dir {d}/ok.yaml", "a file, not a folder"),
