@@ -157,8 +157,9 @@ def cmd_setup(args) -> int:
     prepare_assets(verbose=True)
     for name in args.model or []:  # models fetched on demand: never part of a plain setup
         from .fetch import fetch_model
+        from .models import ensure_converted
 
-        fetch_model(name)
+        fetch_model(name, ensure_converted)
     return 0
 
 

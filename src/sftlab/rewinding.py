@@ -33,7 +33,7 @@ def pick_scores(entries: list[dict], task: str | None, retention: str | None) ->
 
 
 def run_points(run_dir: str | Path, task: str | None = None, retention: str | None = None):
-    from .train.checkpoint import read_trajectory
+    from .rundir_format import read_trajectory
 
     folder = Path(run_dir)
     if not (folder / "trajectory.jsonl").is_file() and not (folder / "config.yaml").is_file():
@@ -68,7 +68,7 @@ def _fmt(score_value: float, lo: float, hi: float) -> str:
 
 
 def frontier_report(run_dir: str, task: str | None = None, retention: str | None = None, tol: float = 0.0) -> str:
-    from .train.checkpoint import read_trajectory
+    from .rundir_format import read_trajectory
 
     points, t, r = run_points(run_dir, task, retention)
     if not points:
