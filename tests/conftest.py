@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "smollm2-tokenizer"
@@ -78,3 +79,25 @@ def tiny_config(tmp_path: Path, model_dir: Path, data_path: Path, method: dict |
     for key, val in sections.items():
         d[key] = {**d.get(key, {}), **val} if isinstance(val, dict) else val  # lists (probes) replace
     return config_from_dict(d)
+
+
+def arena_config(tmp: Path, model_dir: Path, **arena) -> Path:
+    chats = write_jsonl(tmp / "chats.jsonl", memorisable_chats(16))
+    general = tmp / "general.txt"
+    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
+                                   for i in range(8)))
+    cfg = {
+        "arena": {"name": "a", "output_dir": str(tmp / "out"), "methods": ["full", "lora", "prompt"],
+                  "budgets": ["4k"], "lrs": {"full": [1e-3], "lora": [1e-3, 1e-2], "prompt": [3e-2]}, **arena},
+        "run": {"seed": 0},
+        "model": {"path": str(model_dir)},
+        "data": {"train": [{"path": str(chats)}], "max_length": 64},
+        "train": {"steps": 4, "batch_size": 4, "threads": 1},
+        "checkpoint": {"every": 2},
+        "logging": {"progress": False, "tensorboard": False},
+        "probes": [{"name": "heldout_loss", "path": str(chats)},
+                   {"name": "kl_to_base", "path": str(general), "k": 8, "tail_samples": 0}],
+    }
+    path = tmp / "arena.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -237,6 +237,12 @@ class ScoringSection:
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "forward passes of the probes: fp32, or bf16 autocast (several times faster on CPUs with AMX and on "
         "GPUs); auto follows train.precision. Cached base outputs are kept per precision", default="auto")
+    retention_base: Literal["original", "dequantized"] = doc(
+        "what kl_to_base compares a quantized run against: the original full-precision base (what the user "
+        "would otherwise have kept; the quantization's own error counts as forgetting, and arenas comparing "
+        "4-bit, 8-bit and full-precision bases share one reference), or the dequantized quantized base the "
+        "adapter trained on (only the adapter's change). Full-precision runs: the same either way",
+        default="original")
 
     def __post_init__(self):
         check(self.batch_size >= 1, "scoring.batch_size", "must be >= 1")

@@ -78,12 +78,15 @@ def context_for(cfg, base_ref, device=None) -> ProbeContext:
     from .quantize import base_tag
 
     precision = cfg.train.precision if cfg.scoring.precision == "auto" else cfg.scoring.precision
-    # A quantized run's base is its base dequantized (quantize.py), another model than the original's: its
-    # cached outputs are kept apart (base_tag).
+    # Retention's reference (kl_to_base): by default the original full-precision base, for every run, so that
+    # quantized and full-precision runs are measured from one point and a quantized run's step 0 shows what the
+    # quantization itself cost. scoring.retention_base: dequantized compares against the quantized base the
+    # adapter trained on (quantize.py), another model than the original: its cached outputs are kept apart.
+    quant = cfg.quantization if cfg.scoring.retention_base == "dequantized" and cfg.quantization.enabled else None
     return ProbeContext(device=device, batch_size=cfg.scoring.batch_size, seed=cfg.run.seed, precision=precision,
-                        base_id=(base_ref.sha256 or base_ref.location) + base_tag(cfg.quantization),
+                        base_id=(base_ref.sha256 or base_ref.location) + base_tag(quant),
                         load_base=lambda: load_model(base_ref, cfg.model.dtype, cfg.model.trust_remote_code,
-                                                     quant=cfg.quantization, dequantize=True))
+                                                     quant=quant, dequantize=quant is not None))
 
 
 def base_scores_file(cfg, base_ref) -> Path:
@@ -177,8 +180,11 @@ def evaluate_run(run_dir: str, steps: list[int] | None = None, which: str = "che
             model, tok = run.load_initial(), run.tokenizer()  # with new tokens: the resized base
         else:
             model, tok = run.load(step)
-        # retention is against the base, never against a starting run (nor the base resized for new tokens)
-        if step == 0 and run.start() is None and not run.cfg.model.new_tokens:
+        # retention is against the base, never against a starting run (nor the base resized for new tokens, nor
+        # a quantized run's dequantized base unless scoring.retention_base asks for it)
+        q = run.cfg.quantization
+        reference = not q.enabled or run.cfg.scoring.retention_base == "dequantized"
+        if step == 0 and run.start() is None and not run.cfg.model.new_tokens and reference:
             ctx.base_model = model
         append_scores(run.dir, step, score_model(model, tok, probes, ctx))
         if step != 0:

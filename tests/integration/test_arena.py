@@ -5,39 +5,15 @@ skips finished trials and resumes a half-finished one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import memorisable_chats, write_jsonl
+from conftest import arena_config
 from sftlab.arena import load_arena, plan_trials
 from sftlab.arena.runner import trial_state
 from sftlab.cli import main
 from sftlab.methods import METHODS
 from sftlab.train.loop import Trainer
-
-
-def arena_config(tmp: Path, model_dir: Path, **arena) -> Path:
-    chats = write_jsonl(tmp / "chats.jsonl", memorisable_chats(16))
-    general = tmp / "general.txt"
-    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
-                                   for i in range(8)))
-    cfg = {
-        "arena": {"name": "a", "output_dir": str(tmp / "out"), "methods": ["full", "lora", "prompt"],
-                  "budgets": ["4k"], "lrs": {"full": [1e-3], "lora": [1e-3, 1e-2], "prompt": [3e-2]}, **arena},
-        "run": {"seed": 0},
-        "model": {"path": str(model_dir)},
-        "data": {"train": [{"path": str(chats)}], "max_length": 64},
-        "train": {"steps": 4, "batch_size": 4, "threads": 1},
-        "checkpoint": {"every": 2},
-        "logging": {"progress": False, "tensorboard": False},
-        "probes": [{"name": "heldout_loss", "path": str(chats)},
-                   {"name": "kl_to_base", "path": str(general), "k": 8, "tail_samples": 0}],
-    }
-    path = tmp / "arena.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def test_plan_matches_budgets_caps_and_refuses(tmp_path, tiny_model_dir):

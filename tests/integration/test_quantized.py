@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 
 from conftest import memorisable_chats, tiny_config, write_jsonl
 from sftlab.config_scale import QuantizationSection
@@ -266,3 +267,60 @@ def test_sftlab_train_keeps_bitsandbytes_out_of_its_output(tmp_path, tiny_model_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plain False" in proc.stdout and "quantized Linear4bit" in proc.stdout, proc.stdout
     assert "gemm_4bit_forward" not in proc.stderr, proc.stderr
+
+
+# ---- quantization as an arena axis (issue 16, item 4) ---------------------------------------------------------
+
+def test_arena_compares_quantized_bases_on_one_frontier_against_the_full_precision_base(tmp_path, tiny_model_dir):
+    """`arena.quantizations: [none, nf4, int8]`: each adapter runs on each base, as its own leaderboard row; full
+    fine-tuning is refused on a quantized base; retention is measured against the full-precision base for every
+    trial, so a quantized trial's step 0 already shows what the quantization cost (and the full-precision one
+    starts at exactly 0), unless scoring.retention_base asks for the dequantized base."""
+    from conftest import arena_config
+    from sftlab.arena import load_arena, plan_trials
+    from sftlab.cli import main
+    from sftlab.rundir_format import read_trajectory
+
+    cfg = arena_config(tmp_path, tiny_model_dir, methods=["full", "lora"], quantizations=["none", "nf4", "int8"],
+                       lrs={"full": [1e-3], "lora": [1e-2]})
+    arena, base = load_arena(cfg)
+    trials = {t.name: t for t in plan_trials(arena, base)}
+    assert sorted(trials) == ["full-ref-int8-lr0.001-s0", "full-ref-lr0.001-s0", "full-ref-nf4-lr0.001-s0",
+                              "lora-4k-int8-lr0.01-s0", "lora-4k-lr0.01-s0", "lora-4k-nf4-lr0.01-s0"]
+    refused = {n for n, t in trials.items() if t.refused}
+    assert refused == {"full-ref-int8-lr0.001-s0", "full-ref-nf4-lr0.001-s0"}
+    assert all("full-precision base only" in trials[n].note for n in refused)
+    q = trials["lora-4k-nf4-lr0.01-s0"].cfg.quantization
+    assert (q.bits, q.quant_type, q.double_quant) == (4, "nf4", True)
+    assert not trials["lora-4k-lr0.01-s0"].cfg.quantization.enabled
+    assert trials["lora-4k-int8-lr0.01-s0"].cfg.quantization.bits == 8
+    from sftlab.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match=r"quantizations.*'q3' is not one of none, nf4, fp4, int8"):
+        load_arena(cfg, ["arena.quantizations=[none,q3]"])
+
+    assert main(["arena", str(cfg)]) == 0
+    folder = tmp_path / "out" / "a"
+    board = json.loads((folder / "leaderboard.json").read_text())
+    assert sorted(r["method"] for r in board["rows"]) == ["full", "lora", "lora@int8", "lora@nf4"]
+
+    def step0_kl(name):
+        entries = read_trajectory(folder / "trials" / name)
+        return next(e for e in entries if e["step"] == 0)["scores"]["kl_to_base"]["value"]
+
+    kl_fp, kl_nf4, kl_int8 = (step0_kl(n) for n in ("lora-4k-lr0.01-s0", "lora-4k-nf4-lr0.01-s0",
+                                                     "lora-4k-int8-lr0.01-s0"))
+    # (a tiny random model's outputs are nearly uniform, so every KL here is small in absolute terms)
+    assert abs(kl_fp) < 1e-10, kl_fp  # the full-precision trial starts at its reference
+    assert kl_nf4 > 1e-9 and kl_int8 > 1e-9, (kl_nf4, kl_int8)  # what storing the base in 4 / 8 bits cost
+    # against the dequantized base the quantized model starts where it stands: only bf16/int8 rounding is left
+    (tmp_path / "deq").mkdir()
+    cfg2 = arena_config(tmp_path / "deq", tiny_model_dir, methods=["lora"], quantizations=["nf4"],
+                        lrs={"lora": [1e-2]})
+    data = yaml.safe_load(cfg2.read_text())
+    data["scoring"] = {"retention_base": "dequantized"}
+    cfg2.write_text(yaml.safe_dump(data))
+    assert main(["arena", str(cfg2)]) == 0
+    entries = read_trajectory(tmp_path / "deq" / "out" / "a" / "trials" / "lora-4k-nf4-lr0.01-s0")
+    kl_deq = next(e for e in entries if e["step"] == 0)["scores"]["kl_to_base"]["value"]
+    assert kl_deq < 0.1 * kl_nf4, (kl_deq, kl_nf4)

@@ -20,6 +20,20 @@ import yaml
 from ..config import RunConfig, config_from_dict, read_yaml
 from ..configtools import ConfigError, apply_overrides, check, doc, from_dict
 
+# The arena's names for quantized bases -> the run config's `quantization:` section (config_scale.py).
+QUANTIZATIONS: dict[str, dict] = {
+    "none": {},
+    "nf4": {"bits": 4, "quant_type": "nf4", "double_quant": True},  # QLoRA (Dettmers et al. 2023)
+    "fp4": {"bits": 4, "quant_type": "fp4"},
+    "int8": {"bits": 8},  # LLM.int8 (Dettmers et al. 2022)
+}
+
+
+def trial_label(method: str, quant: str = "none") -> str:
+    """What the leaderboard and the report call a trial's (method, base): 'lora', or 'lora@nf4' on a quantized base."""
+    return method if quant in ("", "none") else f"{method}@{quant}"
+
+
 @dataclass
 class ArenaSection:
     name: str = doc("the arena folder's name (under output_dir)", default="arena")
@@ -33,6 +47,12 @@ class ArenaSection:
                              "its largest setting and flagged",
                              default_factory=lambda: ["1M"])
     seeds: list[int] = doc("seeds; each (method, budget, lr) runs once per seed", default_factory=lambda: [0])
+    quantizations: list[str] = doc(
+        "bases to compare under each adapter method: none (full precision), nf4 (4-bit NormalFloat with double "
+        "quantization: QLoRA's recipe), fp4, int8 (LLM.int8); needs bitsandbytes. Each quantized (method, "
+        "budget) is its own leaderboard row and frontier (named e.g. lora@nf4); retention is measured against "
+        "the full-precision base for all (scoring.retention_base). Full fine-tuning trains the base weights "
+        "themselves, so it runs on none only", default_factory=lambda: ["none"])
     lrs: dict[str, list[float]] = doc("per method, the learning rates to sweep (absent: the method's registered "
                                       "default_lr times lr_factors)", default_factory=dict)
     lr_factors: list[float] = doc("the default sweep: multiples of each method's default learning rate",
@@ -50,6 +70,10 @@ class ArenaSection:
     def __post_init__(self):
         check(bool(self.methods), "methods", "list at least one method")
         check(bool(self.seeds), "seeds", "list at least one seed")
+        check(bool(self.quantizations), "quantizations", "list at least one base, e.g. [none, nf4, int8]")
+        for q in self.quantizations:
+            check(q in QUANTIZATIONS, "quantizations", f"{q!r} is not one of {', '.join(QUANTIZATIONS)}")
+        check(len(set(self.quantizations)) == len(self.quantizations), "quantizations", "lists a base twice")
         check(all(f > 0 for f in self.lr_factors), "lr_factors", "must be positive")
         for m, grid in self.lrs.items():
             check(bool(grid) and all(lr > 0 for lr in grid), f"lrs.{m}", "must be a non-empty list of positive rates")
@@ -72,6 +96,11 @@ class Trial:
     note: str = ""  # a warning (budget outside 10%) or why the trial is refused
     hash: str = ""
     capped: bool = False  # the budget is beyond the method's reach: trained at its largest setting (note says)
+    quant: str = "none"  # the base: a key of QUANTIZATIONS
+
+    @property
+    def label(self) -> str:
+        return trial_label(self.method, self.quant)
 
     @property
     def refused(self) -> bool:
@@ -80,7 +109,8 @@ class Trial:
     def record(self) -> dict:
         return {"name": self.name, "method": self.method, "budget": self.budget, "lr": self.lr, "seed": self.seed,
                 "trainable_params": self.trainable, "setting": self.setting, "note": self.note, "hash": self.hash,
-                "capped": self.capped, "run_dir": f"trials/{self.name}"}
+                "capped": self.capped, "quantization": self.quant, "label": self.label,
+                "run_dir": f"trials/{self.name}"}
 
 
 def load_arena(path: str | Path, overrides: list[str] = ()) -> tuple[ArenaSection, dict]:
@@ -153,24 +183,36 @@ def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial
                 section, note = sol.section(), sol.warning if method != "full" else ""
             except BudgetError as e:
                 sol, section, note = None, None, str(e)
-            for lr in lr_grid(arena, method):
-                for seed in arena.seeds:
-                    name = f"{method}-{_short(budget, labels.get(budget, ''))}-lr{lr:g}-s{seed}"
-                    trials.append(_trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena))
+            for quant in arena.quantizations:
+                for lr in lr_grid(arena, method):
+                    for seed in arena.seeds:
+                        # a full-precision trial keeps the name it had before quantizations existed (resumable)
+                        tag = "" if quant == "none" else f"-{quant}"
+                        name = f"{method}-{_short(budget, labels.get(budget, ''))}{tag}-lr{lr:g}-s{seed}"
+                        trials.append(_trial(name, method, budget, lr, seed, base, section, sol, note, packing,
+                                             arena, quant))
     return trials
 
 
-def _trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena) -> Trial:
+def _trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena, quant="none") -> Trial:
     if section is None:
-        return Trial(name, method, budget, lr, seed, None, note=note)
+        return Trial(name, method, budget, lr, seed, None, note=note, quant=quant)
+    from ..methods import resolve
+
+    if quant != "none" and not resolve(method)[0].peft:
+        return Trial(name, method, budget, lr, seed, None, quant=quant,
+                     note=f"{method} trains the base weights themselves, which a {quant} base keeps frozen: "
+                          "it runs on the full-precision base only (quantizations: none)")
     d = copy.deepcopy(base)
     d["method"] = section
+    if quant != "none":
+        d["quantization"] = dict(QUANTIZATIONS[quant])
     d.setdefault("train", {})["lr"] = lr
     d.setdefault("data", {})["packing"] = packing
     d["run"] = {**(d.get("run") or {}), "name": name, "seed": seed, "output_dir": str(arena.folder / "trials")}
     cfg = config_from_dict(d)
     return Trial(name, method, budget, lr, seed, cfg, sol.trainable, sol.description, note, trial_hash(cfg),
-                 sol.capped)
+                 sol.capped, quant)
 
 
 def trials_table(trials: list[Trial]) -> str:

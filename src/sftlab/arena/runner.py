@@ -179,7 +179,9 @@ def leaderboard_for(folder: str | Path) -> dict:
             points, task, ret = run_points(d, arena.get("task") or None, arena.get("retention") or None)
         except SftlabError:
             continue
-        results.append(TrialResult(t["name"], t["method"], t["budget"], t["lr"], t["seed"], points,
+        # the label keeps a quantized base apart (lora@nf4): its own row and frontier, like another method
+        label = t.get("label") or t["method"]
+        results.append(TrialResult(t["name"], label, t["budget"], t["lr"], t["seed"], points,
                                    t.get("trainable_params", 0), run_stats(d, t)))
     board = build_leaderboard(results, arena.get("lr_rule", "hypervolume"), arena.get("task", ""),
                               arena.get("retention", ""), (meta.get("config") or {}).get("select"))

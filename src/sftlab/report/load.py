@@ -84,7 +84,8 @@ def load_run(path: Path, notes: list[str], name: str | None = None, trial: dict 
         content = read_json(f, notes)
         if content is not None:
             analysis[f.stem] = content
-    method = (trial or {}).get("method") or (cfg.get("method") or {}).get("name") or "run"
+    t = trial or {}  # an arena trial's label keeps a quantized base apart (lora@nf4)
+    method = t.get("label") or t.get("method") or (cfg.get("method") or {}).get("name") or "run"
     run_name = name or (cfg.get("run") or {}).get("name") or path.name
     return RunData(path=path, name=str(run_name), method=str(method), config=cfg,
                    provenance=read_json(path / PROVENANCE, notes) or {},
