@@ -110,6 +110,10 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if tp is dict:  # free-form options (arena.method_options.lora): checked where they are used
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+        return dict(value)
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")
 
 

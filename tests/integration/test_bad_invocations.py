@@ -109,6 +109,10 @@ CASES = [
     ("arena-run-config-as-arena", "arena {d}/ok.yaml --plan", "arena config has no method section"),
     ("arena-invalid-yaml", "arena {d}/bad.yaml --plan", "not valid YAML"),
     ("arena-folder-as-file", "arena {d}/arena", "a folder"),
+    ("arena-method-options-not-a-mapping", "arena {d}/arena.yaml arena.method_options.lora=3 --plan",
+     "arena.method_options.lora: expected a mapping"),
+    ("arena-unknown-quantization", "arena {d}/arena.yaml arena.quantizations=[none,q3] --plan",
+     "'q3' is not one of none, nf4, fp4, int8"),
     # study
     ("study-missing-file", "study {d}/missing.yaml", "study config file not found"),
     ("study-folder-as-file", "study {d}/empty --plan", "a folder"),
@@ -145,6 +149,9 @@ def folder(tmp_path_factory):
         f"method: {{name: lora, r: 4}}\ndata: {{train: [{{path: {d / 'train.jsonl'}}}]}}\n"
         "train: {lr: 1.0e-4, steps: 2, betas: [0.9, 0.99]}\nprobes: [{name: kl_to_base}]\n", encoding="utf-8")
     (d / "bad.yaml").write_text("run: [1\n", encoding="utf-8")
+    (d / "arena.yaml").write_text(
+        f"arena: {{methods: [lora]}}\nmodel: {{path: {d / 'no-model'}}}\n"
+        f"data: {{train: [{{path: {d / 'train.jsonl'}}}]}}\ntrain: {{steps: 2}}\n", encoding="utf-8")
     (d / "list.yaml").write_text("- a\n- b\n", encoding="utf-8")
     (d / "binary.yaml").write_bytes(b"\xff\xfe\x00")
     (d / "empty").mkdir()
