@@ -55,8 +55,12 @@ def build_meta(cfg: Mapping):
     else:
         raise BudgetError(f"budget: model_type {hf.model_type!r} is neither a causal language model nor an "
                           "image-text-to-text model in transformers")
-    with torch.device("meta"):
-        return auto.from_config(hf)
+    try:
+        with torch.device("meta"):
+            return auto.from_config(hf)
+    except Exception as e:  # a modelling class's own check (a size that does not divide...): one line
+        raise BudgetError(f"budget: transformers cannot build {hf.model_type} from this config "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
 def linear_features(module) -> tuple[int, int] | None:
