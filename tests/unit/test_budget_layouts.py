@@ -31,6 +31,23 @@ LLAVA = {"model_type": "llava", "image_token_index": 299,
                            "projection_dim": 32},
          "text_config": {"model_type": "llama", **TEXT}}
 LAYOUTS = {"qwen2": QWEN2, "phi3": PHI3, "gpt2": GPT2, "llava": LLAVA}
+# Other VLMs: the language model is found by its config, whatever its name (Idefics3 calls it text_model).
+VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
+VLMS = {
+    "idefics3": {"model_type": "idefics3", "text_config": {"model_type": "llama", **TEXT}, "vision_config": VISION,
+                 "scale_factor": 2},
+    "qwen2_vl": {"model_type": "qwen2_vl", "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64,
+                                                             "num_heads": 2},
+                 "text_config": {**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}},
+    "gemma3": {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", **TEXT, "head_dim": 16},
+               "vision_config": {"model_type": "siglip_vision_model", **VISION}, "mm_tokens_per_image": 4},
+}
+VLM_SETTINGS = [("full", {}), ("lora", {"r": 2}),
+                ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"], "layers": [1]}),
+                ("oft", {"block_size": 4}), ("boft", {"block_size": 4}),
+                ("ia3", {"target_modules": ["q_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+                ("prefix", {"num_virtual_tokens": 3}), ("prompt", {"num_virtual_tokens": 3})]
 
 # Every method with its main knob, a module subset and a layer subset. IA3 names its modules where PEFT has no
 # default for the architecture (Phi-3, LLaVA), as PEFT itself requires; OFT/BOFT cannot adapt GPT-2's Conv1D.
@@ -64,6 +81,14 @@ CASES = [(layout, m, o) for layout in LAYOUTS for m, o in settings(layout)]
                          ids=[f"{lay}-{m}-{i}" for i, (lay, m, _) in enumerate(CASES)])
 def test_module_count_matches_the_built_model(layout, method, options):
     assert count_trainable(LAYOUTS[layout], method, options) == measure_trainable(LAYOUTS[layout], method, options)
+
+
+@pytest.mark.parametrize("vlm", list(VLMS))
+def test_other_vlms_count_their_language_model(vlm):
+    shape = model_shape(VLMS[vlm])
+    assert shape.scope == ("model.text_model" if vlm == "idefics3" else "model.language_model")
+    for method, options in VLM_SETTINGS:
+        assert count_trainable(shape, method, options) == measure_trainable(VLMS[vlm], method, options), method
 
 
 def test_shapes_are_read_from_the_modules():

@@ -148,7 +148,11 @@ def language_scope(model) -> str:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "get_text_config") or config.get_text_config() is config:
         return ""
-    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "language_model"]
+    text = config.get_text_config()
+    # The language model is the outermost module built from the text config (LLaVA, Qwen2-VL and Gemma-3 call
+    # it language_model, Idefics3 text_model); its layers share that config, hence the outermost.
+    names = [n for n, m in model.named_modules() if n and getattr(m, "config", None) is text]
+    names = names or [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("language_model", "text_model")]
     return min(names, key=len) if names else ""
 
 

@@ -2,12 +2,13 @@
 
 The budget formulas (budget_rules.py) need, for one decoder layer, each linear layer an adapter can target
 with its (in, out) features, plus the layer count, the key/value width and every base parameter. For the
-Llama-family layouts budget_rules writes these down from config.json alone (no torch, ~0.1 s). Any other
+Llama-family layouts budget_rules writes these down from config.json alone (no torch). Any other
 layout is read here from the model itself: the Hugging Face config builds the model on the meta device
 (shapes only: no weights, no memory), and the walk finds
 
-- the language model: the whole model, or in a vision-language model the submodule called language_model
-  (adapters train only it: base.scope_exclude keeps PEFT off the vision tower and the projector);
+- the language model: the whole model, or in a vision-language model the outermost module built from its text
+  config (base.language_scope: language_model in LLaVA, Qwen2-VL, Gemma-3; text_model in Idefics3). Adapters
+  train only it (base.scope_exclude keeps PEFT off the vision tower and the projector), so only it is counted;
 - its decoder layers: the longest ModuleList of identical blocks in it;
 - each layer's linears, nn.Linear or GPT-2's Conv1D (whose weight is stored (in, out)), keyed by the shortest
   dotted suffix of their path that is unique in the layer (q_proj; attn.c_proj and mlp.c_proj in GPT-2),
@@ -15,8 +16,10 @@ layout is read here from the model itself: the Hugging Face config builds the mo
 
 The same per-module formulas then count Qwen2's biased projections, Phi-3's fused qkv_proj and gate_up_proj,
 GPT-2's Conv1D and a VLM's language model; tests/unit/test_budget_layouts.py checks each against the model
-the method registry builds. Building costs seconds (importing torch and transformers, then the modelling
-code): `sftlab budget` and `sftlab arena --plan` pay it only for layouts the formulas do not know.
+the method registry builds. What it cannot count exactly it refuses in one line: layers whose linears differ,
+linears of the language model outside its layers. Building costs seconds, nearly all of it importing torch and
+transformers (walking SmolLM2's 30 layers: 0.1 s): `sftlab budget` and `sftlab arena --plan` pay it only for
+layouts the formulas do not know.
 """
 
 from __future__ import annotations
