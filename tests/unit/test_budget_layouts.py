@@ -135,8 +135,14 @@ def test_solved_budgets_train_what_they_say(layout):
 def test_refusals_name_what_is_missing():
     with pytest.raises(BudgetError, match="cannot adapt Conv1D"):
         solve_budget(GPT2, "oft", 2_000)
+    # IA3 as configured (no target_modules) is what PEFT refuses on Phi-3; a search names its modules
     with pytest.raises(BudgetError, match="no default IA3 modules for phi3"):
-        solve_budget(PHI3, "ia3", 500)
+        count_trainable(PHI3, "ia3", {})
+    sol = solve_budget(PHI3, "ia3", 500)
+    assert sol.options["feedforward_modules"] == ["down_proj"] and sol.trainable == measure_trainable(
+        PHI3, "ia3", sol.options)
+    # a VLM's search starts from PEFT's default for its text model (Llama: k, v and down)
+    assert solve_budget(LLAVA, "ia3", 480).options["target_modules"] == ["k_proj", "v_proj", "down_proj"]
     with pytest.raises(BudgetError, match="not projections of a qwen2 decoder layer"):
         count_trainable(QWEN2, "lora", {"target_modules": ["c_attn"]})
     with pytest.raises(BudgetError, match="not known to this transformers"):

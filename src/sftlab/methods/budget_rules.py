@@ -74,6 +74,7 @@ class ModelShape:
     params: tuple[tuple[str, int], ...]  # (name, numel) of every base parameter, as named_parameters() names it
     intermediate: int = 0
     conv1d: tuple[str, ...] = ()  # keys of GPT-2-style Conv1D layers (LoRA and IA3 adapt them, OFT/BOFT cannot)
+    text_model_type: str = ""  # a VLM's text model (llama in a LLaVA); '': the model is one
     scope: str = ""  # a VLM's language model ('model.language_model'), which adapters train; '': the whole model
     source: str = "config"  # 'config': written down from config.json; 'modules': read from the built model
 

@@ -1,11 +1,12 @@
 """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and the MLP input."""
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..configtools import check, doc
 from .base import Method, peft_wrap, register_method, scope_exclude, targets
 from .budget_rules import (BudgetError, BudgetRule, Family, ModelShape, layer_choices, layer_count, layers_label,
-                           module_choices, module_names, module_sets, modules_label, tier)
+                           module_choices, module_names, module_sets, modules_label, projections, tier)
 
 # PEFT's IA3 defaults for the Llama family (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING): targets, feed-forward.
 DEFAULT = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
@@ -77,12 +78,23 @@ def count(shape: ModelShape, o) -> int:
 
 
 def candidates(shape, o, pinned, search):
-    for mods, m_changed in module_choices(pinned, o.target_modules, default_modules(shape)[0], explicit=True,
+    for mods, m_changed in module_choices(pinned, o.target_modules, search_start(shape), explicit=True,
                                           shape=shape):
         ff = o.feedforward_modules if "feedforward_modules" in pinned else inner(shape, mods)
         for layers, l_changed in layer_choices(shape, pinned, o.layers, search):
             yield Family(tier(m_changed, l_changed), {"target_modules": mods, "feedforward_modules": ff,
                                                       "layers": layers})
+
+
+def search_start(shape: ModelShape) -> list[str]:
+    """The modules a search starts from: PEFT's default for the architecture, else for a VLM's text model
+    (LLaVA's Llama), else every linear (Phi-3). Candidates name their modules, so PEFT needs no default."""
+    for kind in (shape.model_type, shape.text_model_type):
+        try:
+            return default_modules(dataclasses.replace(shape, model_type=kind))[0]
+        except BudgetError:
+            continue
+    return list(projections(shape))
 
 
 def inner(shape: ModelShape, mods) -> list[str]:

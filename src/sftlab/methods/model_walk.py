@@ -172,4 +172,4 @@ def walk(cfg: Mapping) -> ModelShape:
         linears={keys[p]: (i, o) for p, i, o in linears}, paths={keys[p]: p for p, _, _ in linears},
         sets=module_sets(keys), conv1d=tuple(keys[p] for p in conv1d_paths(blocks[0])),
         params=tuple((n, p.numel()) for n, p in model.named_parameters()),
-        scope=scope, source="modules")
+        text_model_type=text.model_type if scope else "", scope=scope, source="modules")
