@@ -168,8 +168,13 @@ def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial
     """Every (method, budget, lr, seed), each with a validated config (or refused, with the reason)."""
     from ..methods import resolve
     from ..methods.budget import BudgetError, budget_count, solve_budget
+    from ..methods.budget import model_shape as read_shape
 
     shape = model_shape if model_shape is not None else base.get("model", {}).get("path", "")
+    try:  # read once: a layout outside the config formulas is built and walked (budget_rules.py)
+        shape = read_shape(shape)
+    except BudgetError:
+        pass  # each trial records the refusal
     budgets = [budget_count(str(b), shape) for b in arena.budgets]
     labels = {n: str(b) for n, b in zip(budgets, arena.budgets)}
     packing = bool((base.get("data") or {}).get("packing", False))

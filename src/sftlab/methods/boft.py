@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 from ..configtools import check, doc
 from ..errors import SftlabError
-from .base import Method, peft_wrap, register_method, targets
+from .base import Method, peft_wrap, register_method, scope_exclude, targets
 from .budget_rules import (BudgetError, BudgetRule, Family, ModelShape, describe_rotation, divisors, knob,
-                           layer_choices, layer_count, module_choices, module_names, tier, with_layers)
+                           layer_choices, layer_count, linear_only, module_choices, module_names, tier, with_layers)
 from .merge import ROTATION
 
 
@@ -37,7 +37,7 @@ def apply(model, o: BOFTOptions, token_indices: dict[str, list[int]] | None = No
 
     cfg = BOFTConfig(boft_block_size=o.block_size, boft_n_butterfly_factor=o.n_butterfly_factor,
                      target_modules=targets(o.target_modules), boft_dropout=o.dropout,
-                     layers_to_transform=o.layers, task_type="CAUSAL_LM")
+                     layers_to_transform=o.layers, exclude_modules=scope_exclude(model), task_type="CAUSAL_LM")
     if o.cuda_kernel and torch.cuda.is_available():
         if o.n_butterfly_factor > 1 and boft_layer.get_fbd_cuda() is None:
             raise SftlabError(_NO_KERNEL + "PEFT's CUDA kernel failed to build here (needs nvcc and ninja)")
@@ -71,7 +71,9 @@ def fits(n_in: int, b: int, m: int) -> bool:
 def count(shape: ModelShape, o) -> int:
     # m factors of in/b full b x b blocks (boft_R) plus an output scale vector (boft_s) per module.
     per_layer = 0
-    for name in module_names(o.target_modules, shape):
+    names = module_names(o.target_modules, shape)
+    linear_only(shape, names, "BOFT")
+    for name in names:
         n_in, n_out = shape.linear(name)
         if not fits(n_in, o.block_size, o.n_butterfly_factor):
             raise BudgetError(f"budget: block_size {o.block_size} with {o.n_butterfly_factor} butterfly factor(s) "

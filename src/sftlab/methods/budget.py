@@ -2,8 +2,10 @@
 
 Comparing fine-tuning methods is only fair at equal trainable-parameter counts (the convention of the
 LoRA, DoRA and OFT papers' tables: Hu et al. 2021; Liu et al. 2024; Qiu et al. 2023). The counts are
-exact and computed from the model config alone (budget_rules.py); `measure_trainable` builds the model
-the method registry really trains, on the meta device, to check them.
+exact: per-module formulas over the model's shape, written down from config.json for Llama-family layouts
+and read from the modules of the model built on the meta device for any other (budget_rules.py,
+model_walk.py); `measure_trainable` builds the model the method registry really trains, on the meta device,
+to check them.
 
 The search changes as little as it can. Tier 1 moves only the method's main knob (LoRA rank, OFT/BOFT
 block size, number of virtual tokens); tier 2 also tries other target-module sets; tier 3 also adapts
@@ -32,7 +34,8 @@ from typing import Mapping
 from ..registry import RegistryError
 from . import METHODS
 from .base import PRESETS, resolve
-from .budget_rules import MAX_VIRTUAL_TOKENS, RULES, BudgetError, ModelShape, Search, read_config
+from .budget_rules import (MAX_VIRTUAL_TOKENS, MODEL_TYPES, RULES, BudgetError, ModelShape, Search, formula_shape,
+                           read_config)
 
 TOLERANCE = 0.10  # within this relative error of the budget a setting is a match
 REFUSE = 0.25  # beyond this no setting is offered
@@ -65,8 +68,16 @@ class BudgetSolution:
 
 
 def model_shape(model: str | Path | Mapping | ModelShape) -> ModelShape:
-    """The shape the counts need, from a config mapping, a model folder, 'smollm2' or a hub id."""
-    return model if isinstance(model, ModelShape) else ModelShape.from_config(read_config(model))
+    """The shape the counts need, from a config mapping, a model folder, 'smollm2' or a hub id: written down
+    from config.json for the Llama-family layouts (no torch), read from the built model's modules otherwise."""
+    if isinstance(model, ModelShape):
+        return model
+    cfg = read_config(model)
+    if cfg.get("model_type", "") in MODEL_TYPES:
+        return formula_shape(cfg)
+    from .model_walk import walk  # torch and transformers: seconds, paid only for other layouts
+
+    return walk(cfg)
 
 
 def resolve_method(method: str, base_options: Mapping | None) -> tuple[str, dict]:
@@ -204,17 +215,11 @@ def measure_trainable(config: Mapping, method: str, options: Mapping | None = No
 
     Uses the config parser and the method's own apply(), as training does, and counts as training's
     trainable_report does."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ..train.loop import trainable_report
+    from .model_walk import build_meta
 
     name, opts = resolve_method(method, options)
-    cfg = dict(config)
-    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    model = METHODS.get(name).apply(model, method_options(name, opts))
+    model = METHODS.get(name).apply(build_meta(config), method_options(name, opts))
     return trainable_report(model)["trainable_params"]
 
 

@@ -2,9 +2,19 @@
 
 Each method carries its own BudgetRule in its registration (Method.budget: count, candidates, one-line
 description), built from the helpers here: which modules and layers an options object adapts, the families of
-settings a search may move, labels. The built-in rules count from the model config alone (no weights, no
-torch), by formulas that mirror how PEFT 0.21 shapes each method's trainable tensors;
-tests/unit/test_budget.py checks every formula against the model the method registry really builds.
+settings a search may move, labels. The built-in rules count by per-module formulas that mirror how PEFT
+shapes each method's trainable tensors (LoRA r*(in+out) per adapted linear, OFT in/b blocks, ...), applied to
+the model's shape: the (in, out) of each linear of one decoder layer, the layer count, the key/value width,
+every base parameter. That shape comes from one of two places (budget.model_shape picks):
+
+- the Llama-family layouts in MODEL_TYPES (SmolLM2, Mistral, Gemma-3's text model) are written down from
+  config.json alone (formula_shape: no weights, no torch, ~0.1 s for `sftlab budget`);
+- any other causal LM or VLM is read from its modules (model_walk.walk: the model built on the meta device
+  and walked, ~5 s, most of it importing torch and transformers): biases, fused projections (Phi-3),
+  Conv1D (GPT-2), a VLM's language model (only it is counted: adapters train only it).
+
+tests/unit/test_budget.py and test_budget_layouts.py check every formula against the model the method
+registry really builds, for both kinds of shape.
 """
 
 from __future__ import annotations
@@ -12,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -47,66 +56,70 @@ class BudgetError(SftlabError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the counts depend on, read from a Hugging Face config (Llama-family decoder)."""
+    """What the counts depend on: the language model's sizes, the linears of one decoder layer and every base
+    parameter. Written down from config.json for the layouts in MODEL_TYPES (formula_shape: no torch), read from
+    the modules of the model built on the meta device for any other (model_walk.walk; budget.model_shape picks)."""
 
     model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
+    hidden: int  # the language model's width (a prompt token's size)
+    layers: int  # its decoder layers
     heads: int
     kv_heads: int
     head_dim: int
     vocab: int
     tied: bool
-    attention_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Mapping) -> "ModelShape":
-        kind = cfg.get("model_type", "")
-        if kind not in MODEL_TYPES:
-            raise BudgetError(f"budget: model_type {kind!r} is not supported; the solver knows the Llama layout "
-                              f"({', '.join(MODEL_TYPES)})")
-        heads = int(cfg["num_attention_heads"])
-        return cls(kind, int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"]),
-                   heads, int(cfg.get("num_key_value_heads") or heads),
-                   int(cfg.get("head_dim") or cfg["hidden_size"] // heads), int(cfg["vocab_size"]),
-                   bool(cfg.get("tie_word_embeddings", False)), bool(cfg.get("attention_bias", False)),
-                   bool(cfg.get("mlp_bias", False)))
-
-    @cached_property
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each projection of one decoder layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+    linears: Mapping[str, tuple[int, int]]  # key (a name PEFT matches) -> (in, out) of each linear of one layer
+    paths: Mapping[str, str]  # key -> its path inside the layer (self_attn.q_proj)
+    sets: Mapping[str, tuple[str, ...]]  # named module sets (all-linear, attention, mlp, qv) -> keys
+    params: tuple[tuple[str, int], ...]  # (name, numel) of every base parameter, as named_parameters() names it
+    intermediate: int = 0
+    conv1d: tuple[str, ...] = ()  # keys of GPT-2-style Conv1D layers (LoRA and IA3 adapt them, OFT/BOFT cannot)
+    text_model_type: str = ""  # a VLM's text model (llama in a LLaVA); '': the model is one
+    scope: str = ""  # a VLM's language model ('model.language_model'), which adapters train; '': the whole model
+    source: str = "config"  # 'config': written down from config.json; 'modules': read from the built model
 
     def linear(self, name: str) -> tuple[int, int]:
         return self.linears[name]
 
     def base_params(self) -> list[tuple[str, int]]:
-        """(name, numel) of every base parameter, named as model.named_parameters() names them."""
-        out = [("model.embed_tokens.weight", self.vocab * self.hidden)]
-        for i in range(self.layers):
-            for name in LINEARS:
-                n_in, n_out = self.linear(name)
-                part = "self_attn" if name in MODULE_SETS["attention"] else "mlp"
-                out.append((f"model.layers.{i}.{part}.{name}.weight", n_in * n_out))
-                if self.attention_bias if part == "self_attn" else self.mlp_bias:
-                    out.append((f"model.layers.{i}.{part}.{name}.bias", n_out))
-                if name == "o_proj" and self.model_type in QK_NORM:
-                    out += [(f"model.layers.{i}.self_attn.{n}.weight", self.head_dim) for n in ("q_norm", "k_norm")]
-            norms = LAYER_NORMS.get(self.model_type, ("input_layernorm", "post_attention_layernorm"))
-            out += [(f"model.layers.{i}.{n}.weight", self.hidden) for n in norms]
-        out.append(("model.norm.weight", self.hidden))
-        if not self.tied:  # tied: the head is the embedding, listed once
-            out.append(("lm_head.weight", self.vocab * self.hidden))
-        return out
+        """(name, numel) of every base parameter, named as model.named_parameters() names them (tied: once)."""
+        return list(self.params)
 
     def summary(self) -> str:
-        return (f"{self.model_type}: {self.layers} layers, hidden {self.hidden}, intermediate {self.intermediate}, "
-                f"heads {self.heads}/{self.kv_heads} kv, vocab {self.vocab}{', tied' if self.tied else ''}")
+        lm = f" (language model: {self.scope})" if self.scope else ""
+        mlp = f", intermediate {self.intermediate}" if self.intermediate else ""
+        return (f"{self.model_type}{lm}: {self.layers} layers, hidden {self.hidden}{mlp}, heads {self.heads}/"
+                f"{self.kv_heads} kv, vocab {self.vocab}{', tied' if self.tied else ''}")
+
+
+def formula_shape(cfg: Mapping) -> ModelShape:
+    """A Llama-family layout (MODEL_TYPES) written down from its config.json."""
+    kind = cfg["model_type"]
+    heads, hidden, inter = int(cfg["num_attention_heads"]), int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linears = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+               "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    paths = {n: f"{'self_attn' if n in MODULE_SETS['attention'] else 'mlp'}.{n}" for n in linears}
+    layers, vocab, tied = int(cfg["num_hidden_layers"]), int(cfg["vocab_size"]), bool(cfg.get("tie_word_embeddings"))
+    bias = {"self_attn": bool(cfg.get("attention_bias")), "mlp": bool(cfg.get("mlp_bias"))}
+    params = [("model.embed_tokens.weight", vocab * hidden)]
+    for i in range(layers):
+        for name, path in paths.items():
+            n_in, n_out = linears[name]
+            params.append((f"model.layers.{i}.{path}.weight", n_in * n_out))
+            if bias[path.split(".")[0]]:
+                params.append((f"model.layers.{i}.{path}.bias", n_out))
+            if name == "o_proj" and kind in QK_NORM:
+                params += [(f"model.layers.{i}.self_attn.{n}.weight", head_dim) for n in ("q_norm", "k_norm")]
+        norms = LAYER_NORMS.get(kind, ("input_layernorm", "post_attention_layernorm"))
+        params += [(f"model.layers.{i}.{n}.weight", hidden) for n in norms]
+    params.append(("model.norm.weight", hidden))
+    if not tied:  # tied: the head is the embedding, listed once
+        params.append(("lm_head.weight", vocab * hidden))
+    return ModelShape(kind, hidden, layers, heads, kv_heads, head_dim, vocab, tied, linears, paths,
+                      dict(MODULE_SETS), tuple(params), intermediate=inter)
 
 
 def read_config(model: str | Path | Mapping) -> dict:
@@ -130,27 +143,45 @@ def read_config(model: str | Path | Mapping) -> dict:
 # ---- which modules and layers an options object adapts -----------------------------------------------
 
 def projections(shape: ModelShape | None = None) -> tuple[str, ...]:
-    """The linear layers of one decoder layer, by name (the Llama layout's seven unless the shape says)."""
+    """The linear layers of one decoder layer, by key (the Llama layout's seven unless the shape says)."""
     return tuple(shape.linears) if shape is not None else LINEARS
 
 
 def module_sets(shape: ModelShape | None = None) -> dict[str, tuple[str, ...]]:
     """The named module sets this shape has: all-linear is its projections, the others where it has them all."""
     names = projections(shape)
-    return {"all-linear": names, **{k: v for k, v in MODULE_SETS.items() if k != "all-linear" and set(v) <= set(names)}}
+    sets = shape.sets if shape is not None else MODULE_SETS
+    return {"all-linear": names, **{k: v for k, v in sets.items() if k != "all-linear" and set(v) <= set(names)}}
+
+
+def _matches(target: str, key: str, path: str) -> bool:
+    # PEFT adapts a module whose name ends with a target; a target may also name more of the path than the
+    # layer holds (model.layers.0.self_attn.q_proj: what was counted as q_proj before).
+    return target in (key, path) or path.endswith("." + target) or target.endswith("." + path)
 
 
 def module_names(target_modules, shape: ModelShape | None = None) -> list[str]:
-    """Config target_modules -> the projection names of one layer that PEFT will adapt."""
+    """Config target_modules -> the keys of the linears of one layer that PEFT will adapt (a name such as
+    GPT-2's c_proj may match more than one)."""
     names_ = projections(shape)
     if target_modules in (["all-linear"], "all-linear"):
         return list(names_)
-    names = [str(t).rsplit(".", 1)[-1] for t in target_modules]
-    unknown = [t for t, n in zip(target_modules, names) if n not in names_]
+    paths = shape.paths if shape is not None else {n: n for n in LINEARS}
+    found = {str(t): [k for k in names_ if _matches(str(t), k, paths[k])] for t in target_modules}
+    unknown = [t for t, keys in found.items() if not keys]
     if unknown:
-        raise BudgetError(f"budget: target_modules {unknown} are not projections of a Llama layer "
+        where = f"a {shape.model_type} decoder layer" if shape is not None else "a Llama layer"
+        raise BudgetError(f"budget: target_modules {unknown} are not projections of {where} "
                           f"({', '.join(names_)}, or all-linear)")
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(k for keys in found.values() for k in keys))
+
+
+def linear_only(shape: ModelShape, names: list[str], method: str) -> None:
+    """Refuse Conv1D layers (GPT-2's c_attn...) for methods PEFT applies to nn.Linear only (OFT, BOFT)."""
+    conv = [n for n in names if n in shape.conv1d]
+    if conv:
+        raise BudgetError(f"budget: PEFT's {method} cannot adapt Conv1D layers ({', '.join(conv)}); "
+                          "name nn.Linear modules in target_modules")
 
 
 def layer_count(shape: ModelShape, layers: list[int] | None) -> int:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from ..configtools import check, doc
-from .base import Method, peft_wrap, register_method, register_preset, targets
+from .base import Method, peft_wrap, register_method, register_preset, scope_exclude, targets
 from .budget_rules import (BudgetRule, Family, ModelShape, knob, layer_choices, layer_count, layers_label,
                            module_choices, module_names, modules_label, tier, with_layers)
 
@@ -30,7 +30,8 @@ def apply(model, o: LoraOptions, token_indices: dict[str, list[int]] | None = No
 
     cfg = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=targets(o.target_modules),
                      use_dora=o.use_dora, use_rslora=o.use_rslora, layers_to_transform=o.layers,
-                     trainable_token_indices=token_indices, task_type="CAUSAL_LM")
+                     trainable_token_indices=token_indices, exclude_modules=scope_exclude(model),
+                     task_type="CAUSAL_LM")
     return peft_wrap(model, cfg)
 
 

@@ -11,9 +11,9 @@ setting for a trained adapter (its adapter_config.json records it as use_cayley_
 from dataclasses import dataclass
 
 from ..configtools import check, doc
-from .base import Method, peft_wrap, register_method, targets
+from .base import Method, peft_wrap, register_method, scope_exclude, targets
 from .budget_rules import (BudgetError, BudgetRule, Family, ModelShape, describe_rotation, divisors, knob,
-                           layer_choices, layer_count, module_choices, module_names, tier, with_layers)
+                           layer_choices, layer_count, linear_only, module_choices, module_names, tier, with_layers)
 from .merge import ROTATION
 
 
@@ -40,11 +40,12 @@ def apply(model, o: OFTOptions, token_indices: dict[str, list[int]] | None = Non
     cfg = OFTConfig(r=0, oft_block_size=o.block_size, target_modules=targets(o.target_modules),
                     use_cayley_neumann=o.neumann, num_cayley_neumann_terms=o.neumann_terms,
                     module_dropout=o.dropout, block_share=o.block_share, layers_to_transform=o.layers,
-                    task_type="CAUSAL_LM")
+                    exclude_modules=scope_exclude(model), task_type="CAUSAL_LM")
     return peft_wrap(model, cfg, token_indices)
 
 
 def check_block(shape: ModelShape, names: list[str], b: int) -> None:
+    linear_only(shape, names, "OFT")
     # PEFT's OFT silently changes a block size that does not divide a layer's input; refuse it instead.
     for name in names:
         n_in = shape.linear(name)[0]
