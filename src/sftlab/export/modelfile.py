@@ -97,7 +97,9 @@ def stop_words(tok, parts: ChatParts | None) -> list[str]:
     """Where a reply ends: the end-of-turn marker, the next turn's start marker, the eos token."""
     words = []
     if parts is not None:
-        words += [parts.assistant[1].strip(), parts.user[0].strip().split("\n")[0].strip()]
+        turn = parts.user[0].strip()  # the next turn's start: its special token when it begins with one
+        specials = [t for t in getattr(tok, "all_special_tokens", []) if t and turn.startswith(t)]
+        words += [parts.assistant[1].strip(), max(specials, key=len) if specials else turn.split("\n")[0]]
     if getattr(tok, "eos_token", None):
         words.append(tok.eos_token)
     seen: list[str] = []
