@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-F16_BOUND = 0.1  # measured max |logit difference| of the f16 file: ~0.03 (SmolLM2 logits reach ~30)
+F16_BOUND = 0.1  # measured max |logit difference| of the f16 file: 0.041 (SmolLM2 logits reach ~30)
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])
