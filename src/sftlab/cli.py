@@ -50,10 +50,17 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .runs import export
+    from .export.write import export_run
 
-    out = export(args.run, args.step, args.output, args.merge)
+    out = export_run(args.run, args.output, args.step, args.select, args.alpha, args.format, args.quant, args.merge)
     print(f"sftlab: exported to {out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .export.push import push
+
+    print(push(args.export, args.repo, args.private, args.dry_run))
     return 0
 
 
@@ -92,7 +99,10 @@ def cmd_rewind(args) -> int:
     params = {k: v for k, v in (("max_loss", args.max_loss), ("min_task", args.min_task), ("w", args.weight))
               if v is not None}
     alphas = args.alphas if args.search else None
-    print(rewind_run(args.run, args.policy, args.output, params, args.task, args.retention, alphas))
+    from .export.write import export_run
+
+    print(rewind_run(args.run, args.policy, args.output, params, args.task, args.retention, alphas,
+                     exporter=export_run))
     return 0
 
 
@@ -273,12 +283,28 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("-n", type=int, default=3, help="examples to show")
     di.set_defaults(fn=cmd_data_inspect)
 
-    e = sub.add_parser("export", help="write a checkpoint as a standalone adapter or a merged model folder")
+    e = sub.add_parser("export", help="write a checkpoint as an adapter, a merged model folder or a GGUF file "
+                       "(with an Ollama Modelfile), each with a model card")
     e.add_argument("run", help="run directory")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    e.add_argument("--select", action="store_true", help="the checkpoint the run config's select: rule chooses "
+                   "(the knee by default), instead of --step")
+    e.add_argument("--alpha", type=float, default=None, help="the base plus this share (0..1) of the chosen "
+                   "checkpoint's update (rewinding along the path; written merged)")
+    e.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: adapter or merged folder; gguf: "
+                   "one merged GGUF file for llama.cpp and Ollama, with a Modelfile")
+    e.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="--format gguf: the weights' type (norms stay f32)")
     e.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     e.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
     e.set_defaults(fn=cmd_export)
+
+    pu = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub (huggingface_hub)")
+    pu.add_argument("export", help="an export folder (sftlab export or rewind -o)")
+    pu.add_argument("--repo", required=True, help="the Hub repository id, e.g. you/my-model")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--dry-run", action="store_true", help="list what would be sent; send nothing")
+    pu.set_defaults(fn=cmd_push)
 
     ch = sub.add_parser("chat", help="talk to a checkpoint in the terminal")
     ch.add_argument("run", help="run directory")

@@ -101,7 +101,7 @@ def model_at(run, step: int | None, alpha: float):
     return model, interp.tokenizer
 
 
-def export_at(run, step: int | None, alpha: float, out: str | Path, merge: bool = True) -> Path:
+def export_at(run, step: int | None, alpha: float, out: str | Path, merge: bool = True, finish=None) -> Path:
     """Write the model at `alpha` like `sftlab export`: a merged model folder (merge=True), or for OFT/BOFT
     a PEFT adapter holding the scaled generator; plus tokenizer, chat template, generation config and
     sftlab_export.json (which records alpha). Alpha 1 is the checkpoint itself: `runs.export` writes it."""
@@ -118,11 +118,13 @@ def export_at(run, step: int | None, alpha: float, out: str | Path, merge: bool 
     if a == 1.0:  # the checkpoint itself
         from .runs import export
 
-        return export(str(run.dir), step, str(out), merge)
+        return export(str(run.dir), step, str(out), merge, finish)
     from .runs import atomic_folder
 
     with atomic_folder(out) as tmp:
         _write_at(run, step, a, tmp, merge or not run.method.peft)
+        if finish is not None:  # runs.export's hook: the model card
+            finish(tmp, run.checkpoint(step))
     return Path(out)
 
 

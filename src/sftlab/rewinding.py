@@ -121,9 +121,11 @@ def stated_policy(run_dir: str | Path, policy: str | None, params: dict) -> tupl
 
 
 def rewind_run(run_dir: str, policy: str | None, out: str | None, params: dict, task: str | None = None,
-               retention: str | None = None, search: list[float] | None = None, merge: bool = True) -> str:
+               retention: str | None = None, search: list[float] | None = None, merge: bool = True,
+               exporter=None) -> str:
     """Choose a point with `policy` (None: the config's `select:` rule), optionally search between checkpoints,
-    export it; return the why."""
+    export it; return the why. `exporter` (export.write.export_run, passed in by the CLI: it sits above this
+    layer) writes the export with its model card; without it, runs.export / interpolate.export_at."""
     from .runs import Run, export
 
     points, t, r = run_points(run_dir, task, retention)
@@ -140,7 +142,10 @@ def rewind_run(run_dir: str, policy: str | None, out: str | None, params: dict, 
         if step == 0:
             raise SftlabError("the chosen point is the base model (step 0): nothing to export; the fine-tuning "
                               "did not pay off under this policy")
-        if alpha is None or alpha == 1.0:
+        if exporter is not None:
+            exporter(run_dir, out, step=step, alpha=alpha, merge=merge and run.method.merge is not None,
+                     rule=called, reason=choice.reason)
+        elif alpha is None or alpha == 1.0:
             export(run_dir, step, out, merge and run.method.merge is not None)
         else:
             from .interpolate import export_at

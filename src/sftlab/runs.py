@@ -230,7 +230,9 @@ def export_write_error(dest: Path, e: BaseException) -> SftlabError:
                        "output folder), then run the same command again")
 
 
-def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
+def export(run_dir: str, step: int | None, out: str, merge: bool, finish=None) -> Path:
+    """Write checkpoint `step` to `out` (an adapter, or merged); `finish(tmp_folder, entry)` adds files (the model
+    card) before the folder appears."""
     run = Run(run_dir)
     entry = run.checkpoint(step)
     if merge and run.method.peft and run.method.merge is None:
@@ -241,6 +243,8 @@ def export(run_dir: str, step: int | None, out: str, merge: bool) -> Path:
                           "not on the base alone; export it with --merge (a standalone model)")
     with atomic_folder(out) as tmp:
         _write_export(run, entry, run.base_ref(), tmp, merge)
+        if finish is not None:
+            finish(tmp, entry)
     return Path(out)
 
 

@@ -66,6 +66,15 @@ CASES = [
     ("export-step-not-a-number", "export {d}/run --step x -o {d}/out", "invalid int value"),
     ("export-non-empty-output", "export {d}/run -o {d}/full", "not empty"),
     ("export-no-output", "export {d}/run", "required: -o/--output"),
+    ("export-step-and-select", "export {d}/run --step 2 --select -o {d}/out", "give one"),
+    ("export-alpha-out-of-range", "export {d}/run --alpha 2 -o {d}/out", "alpha must be in [0, 1]"),
+    ("export-unknown-format", "export {d}/run --format onnx -o {d}/out", "invalid choice"),
+    ("export-unknown-quant", "export {d}/run --format gguf --quant q4_k -o {d}/out", "invalid choice"),
+    # push: folders that are not exports, repository ids that are not OWNER/NAME (dry runs: no network)
+    ("push-missing-folder", "push {d}/nope --repo me/m --dry-run", "no such folder"),
+    ("push-not-an-export", "push {d}/full --repo me/m --dry-run", "not an sftlab export"),
+    ("push-bad-repo-id", "push {d}/exported --repo just-a-name --dry-run", "OWNER/NAME"),
+    ("push-no-repo", "push {d}/exported", "required: --repo"),
     ("chat-empty-folder", "chat {d}/empty", "not a run directory"),
     ("chat-unknown-step", "chat {d}/run --step 7", "no checkpoint at step 7"),
     ("chat-temperature-not-a-number", "chat {d}/run --temperature hot", "invalid float value"),
@@ -159,6 +168,9 @@ def folder(tmp_path_factory):
     (d / "full" / "file").write_text("x")
     (d / "arena").mkdir()
     (d / "arena" / "arena.json").write_text("{}")
+    (d / "exported").mkdir()
+    (d / "exported" / "README.md").write_text("---\n---\n")
+    (d / "exported" / "sftlab_export.json").write_text("{}")
     (d / "pipeline.yaml").write_text(
         f"output_dir: {d / 'pipe'}\nstages:\n  - name: sft\n    config: {{run: {{name: a}}, train: {{lr: 1.0e-4}}, "
         f"model: {{path: {d / 'no-model'}}}}}\n", encoding="utf-8")

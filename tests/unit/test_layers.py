@@ -26,7 +26,8 @@ LAYERS: list[list[str]] = [
     # a study composes arenas, interpolation and analysis into findings
     ["sftlab.study"],
     # applications over runs: each reads run directories or drives training
-    ["sftlab.arena", "sftlab.report", "sftlab.pipeline", "sftlab.analysis", "sftlab.data.inspect"],
+    # export: the chosen point as adapter, merged folder or GGUF, with a model card that draws the report's plane
+    ["sftlab.arena", "sftlab.report", "sftlab.pipeline", "sftlab.analysis", "sftlab.data.inspect", "sftlab.export"],
     # budget solving counts a built model's trainable parameters with the trainer's own report (the rules it
     # counts with, budget_rules, are part of each method's registration: in the methods layer)
     ["sftlab.methods.budget"],
