@@ -63,8 +63,8 @@ def test_three_seeds_give_t_intervals_for_final_selected_and_rewound():
     board = build_leaderboard([trial("lora", s, traj(*p)) for s, p in SEEDS.items()])
     row = board["rows"][0]
     pts = row["points"]
-    assert row["seeds"] == 3 and set(pts) == {"final", "selected", "rewound"}
-    at = {"final": 3, "selected": 1, "rewound": 2}  # index into each seed's path
+    assert row["seeds"] == 3 and set(pts) == {"start", "final", "selected", "rewound"}
+    at = {"start": 0, "final": 3, "selected": 1, "rewound": 2}  # index into each seed's path
     for name, i in at.items():
         acc = [SEEDS[s][i][1] for s in SEEDS]
         kl = [SEEDS[s][i][2] for s in SEEDS]

@@ -46,7 +46,7 @@ class TrialResult:
     stats: dict = field(default_factory=dict)
 
 
-POINTS = ("final", "selected", "rewound")
+POINTS = ("start", "final", "selected", "rewound")
 
 # Student t's 0.975 quantile for 1..30 degrees of freedom; beyond, the Cornish-Fisher expansion (error < 1e-7).
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
@@ -100,12 +100,13 @@ def trial_summary(t: TrialResult, ref: tuple[float, float], ideal: tuple[float, 
     over = overshoot(t.points)
     sel = _selected(t.points, select)
     rew = best_rewound(t.points).point
+    start = min(t.points, key=lambda p: p.progress)  # step 0: the base, or where virtual tokens begin
     return {"trial": t.name, "method": t.method, "budget": t.budget, "lr": t.lr, "seed": t.seed,
             "trainable_params": t.trainable, "final_step": last.step, "final_task": _shown(last, "task"),
             "final_retention": _shown(last, "retention"),
             "final_task_ci": _shown_ci(last, "task"), "final_retention_ci": _shown_ci(last, "retention"),
             "final_dominated": bool(over), "dominated_by": [p.step for p in over],
-            "final": _at(last), "selected": _at(sel.point, base=is_base(sel.point)) if sel else None,
+            "start": _at(start), "final": _at(last), "selected": _at(sel.point, base=is_base(sel.point)) if sel else None,
             "selected_reason": sel.reason if sel else "no point qualifies under the rule",
             "rewound": _at(rew),
             "hypervolume": _hv(t.points, ref, ideal), "oriented_final": [last.task, last.retention], **t.stats}
@@ -270,12 +271,13 @@ def format_leaderboard(board: dict) -> str:
     return "\n".join(lines)
 
 
-POINT_NOTE = {"final": "the last checkpoint", "selected": "chosen by the select rule",
+POINT_NOTE = {"start": "step 0, before the first update (the base; for quantized bases and virtual tokens, where "
+                       "training starts)", "final": "the last checkpoint", "selected": "chosen by the select rule",
               "rewound": "the best task score along the path"}
 
 
 def points_table(board: dict) -> list[str]:
-    """Final, selected and rewound points per (method, budget): mean [95% t-interval across seeds] (n seeds)."""
+    """Start, final, selected and rewound points per (method, budget): mean [95% t-interval across seeds] (n seeds)."""
     rows = [r for r in board.get("rows", []) if r.get("points")]
     if not rows:
         return []
@@ -290,7 +292,7 @@ def points_table(board: dict) -> list[str]:
             lines.append(f"{r['method'] if not i else '':<8}{_budget(r['budget']) if not i else '':>9}  {k:<9}"
                          f"{steps:>12}  {ci_text(m['task']):>32}  {ci_text(m['retention']):>32}"
                          + (f"  base kept in {base}/{r['seeds']} seed(s): no checkpoint beat it" if base else ""))
-    lines.append("final: " + POINT_NOTE["final"] + "; selected: " + POINT_NOTE["selected"] + "; rewound: "
+    lines.append("start: " + POINT_NOTE["start"] + "; final: " + POINT_NOTE["final"] + "; selected: " + POINT_NOTE["selected"] + "; rewound: "
                  + POINT_NOTE["rewound"] + "; interval: mean ± t(0.975, n-1)·sd/√n over seeds, none for n=1")
     return lines
 

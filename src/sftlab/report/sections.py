@@ -160,7 +160,7 @@ def leaderboard(data: ReportData) -> str | None:
 
 
 NESTED = ("points", "per_seed")
-POINT_NAMES = {"final": "final (the last checkpoint)", "selected": "selected (by the select rule)",
+POINT_NAMES = {"start": "start (step 0, before the first update)", "final": "final (the last checkpoint)", "selected": "selected (by the select rule)",
                "rewound": "rewound (the best task score along the path)"}
 
 
@@ -175,7 +175,7 @@ def _mean_ci(m) -> str:
 
 
 def points_across_seeds(board: dict, rows: list[dict]) -> str:
-    """Final, selected and rewound points per (method, budget): mean and 95% t-interval across seeds."""
+    """Start, final, selected and rewound points per (method, budget): mean and 95% t-interval across seeds."""
     body = []
     for r in rows:
         pts = r.get("points")
