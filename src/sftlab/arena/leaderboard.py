@@ -8,9 +8,10 @@ between trials of one arena and not across arenas.
 
 Per (method, budget, seed) one learning rate is kept by the arena's rule (largest hypervolume, or
 best final task score); per (method, budget) the kept trials are averaged over seeds (mean and
-sample standard deviation). Three points of each kept trial are compared across seeds, each as a mean
+sample standard deviation). Four points of each kept trial are compared across seeds, each as a mean
 with a 95% Student-t interval over the n seeds (mean ± t(0.975, n-1) · sd / sqrt(n); none for n = 1):
 
+- start: step 0, before the first update (the base; a quantized base's own error; virtual tokens' start);
 - final: the last checkpoint;
 - selected: the checkpoint the stated `select:` rule picks (sftlab.trajectory.select; default the knee
   among checkpoints above the base's task CI; the base only when no checkpoint beats it, counted);
