@@ -81,7 +81,8 @@ def tiny_config(tmp_path: Path, model_dir: Path, data_path: Path, method: dict |
     return config_from_dict(d)
 
 
-def arena_config(tmp: Path, model_dir: Path, **arena) -> Path:
+def arena_config(tmp: Path, model_dir: Path, data: dict | None = None, **arena) -> Path:
+    """A tiny arena on memorisable chats, scored by held-out loss and KL to the base; `arena` and `data` override."""
     chats = write_jsonl(tmp / "chats.jsonl", memorisable_chats(16))
     general = tmp / "general.txt"
     general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
@@ -91,7 +92,7 @@ def arena_config(tmp: Path, model_dir: Path, **arena) -> Path:
                   "budgets": ["4k"], "lrs": {"full": [1e-3], "lora": [1e-3, 1e-2], "prompt": [3e-2]}, **arena},
         "run": {"seed": 0},
         "model": {"path": str(model_dir)},
-        "data": {"train": [{"path": str(chats)}], "max_length": 64},
+        "data": {"train": [{"path": str(chats)}], "max_length": 64, **(data or {})},
         "train": {"steps": 4, "batch_size": 4, "threads": 1},
         "checkpoint": {"every": 2},
         "logging": {"progress": False, "tensorboard": False},

@@ -14,11 +14,10 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
-import yaml
 
 import test_budget as budget_contract
 import test_methods as method_contract
-from conftest import memorisable_chats, write_jsonl
+from conftest import arena_config
 from sftlab.configtools import check, doc
 from sftlab.methods import METHODS, PRESETS, BudgetRule, Method, register_method, register_preset
 from sftlab.methods.base import peft_wrap, unregister
@@ -161,24 +160,8 @@ def test_toy_trains_in_the_arena(tmp_path, tiny_model_dir):
     from sftlab.arena import load_arena, plan_trials
     from sftlab.cli import main
 
-    chats = write_jsonl(tmp_path / "chats.jsonl", memorisable_chats(16))
-    general = tmp_path / "general.txt"
-    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
-                                   for i in range(8)))
-    cfg = {
-        "arena": {"name": "toy", "output_dir": str(tmp_path / "out"), "methods": [NAME, "toy_scale_mlp"],
-                  "budgets": ["240"], "lr_factors": [1.0]},
-        "run": {"seed": 0},
-        "model": {"path": str(tiny_model_dir)},
-        "data": {"train": [{"path": str(chats)}], "max_length": 64, "packing": True},
-        "train": {"steps": 4, "batch_size": 4, "threads": 1},
-        "checkpoint": {"every": 2},
-        "logging": {"progress": False, "tensorboard": False},
-        "probes": [{"name": "heldout_loss", "path": str(chats)},
-                   {"name": "kl_to_base", "path": str(general), "k": 8, "tail_samples": 0}],
-    }
-    path = tmp_path / "arena.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = arena_config(tmp_path, tiny_model_dir, data={"packing": True}, name="toy", methods=[NAME, "toy_scale_mlp"],
+                        budgets=["240"], lr_factors=[1.0], lrs={})
     trials = plan_trials(*load_arena(path))
     assert [t.lr for t in trials] == [TOY.default_lr, TOY.default_lr]  # the registration's rate (the preset's too)
     assert all(not t.refused and t.cfg.method.name == NAME and t.cfg.data.packing for t in trials)
