@@ -1,0 +1,1 @@
+"""ema: placeholder (filled below)."""
