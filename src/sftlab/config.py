@@ -218,8 +218,8 @@ class CheckpointSection:
         "the select: rule picks, or the latest; its scores stay in trajectory.jsonl (marked pruned)",
         default="all")
     disk_budget_mb: float = doc(
-        "with keep: frontier, also delete the oldest frontier points that are neither the selected nor the latest "
-        "while the checkpoints take more than this many MiB (0: no budget)", default=0.0)
+        "with keep: frontier, delete dominated checkpoints (oldest first) only while the checkpoints take more than "
+        "this many MiB; frontier points stay even over it (0: delete every dominated one)", default=0.0)
 
     def __post_init__(self):
         check(self.every >= 0, "checkpoint.every", "must be >= 0")

@@ -489,6 +489,10 @@ class Trainer:
             self._announce_scores(cbs)
             for _, r in self.remedies:  # EMA writes and scores its own checkpoint of the average
                 r.on_checkpoint(self, step)
+            if self.cfg.checkpoint.keep == "frontier":  # delete what the scores show is dominated
+                from .prune import prune
+
+                prune(self.run_dir, dataclasses.asdict(self.cfg.select), self.cfg.checkpoint.disk_budget_mb)
         if resume_due or last:
             ckpt.save_resume(self.run_dir, self.model, self.optimizer, self.scheduler, dict(self.pos),
                              full.get("trainable"), full.get("optimizer"))
