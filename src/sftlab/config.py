@@ -17,7 +17,7 @@ import yaml
 
 from .configtools import ConfigError, apply_overrides, check, describe, doc, from_dict, to_dict
 from .config_scale import DistributedSection, QuantizationSection
-from .registry import METHODS, PROBES, RegistryError
+from .registry import METHODS, PROBES, REMEDIES, RegistryError
 
 
 @dataclass
@@ -212,10 +212,19 @@ class CheckpointSection:
     resume_every: int = doc("refresh the rolling resume checkpoint every k steps (0: at each checkpoint)",
                             default=0)
     final: bool = doc("always checkpoint the last step", default=True)
+    keep: Literal["all", "frontier"] = doc(
+        "all: keep every trajectory checkpoint; frontier: delete a checkpoint's weights once the probes show it is "
+        "dominated (off the task/retention Pareto frontier of the scored points), never a frontier point, the one "
+        "the select: rule picks, or the latest; its scores stay in trajectory.jsonl (marked pruned)",
+        default="all")
+    disk_budget_mb: float = doc(
+        "with keep: frontier, delete dominated checkpoints (oldest first) only while the checkpoints take more than "
+        "this many MiB; frontier points stay even over it (0: delete every dominated one)", default=0.0)
 
     def __post_init__(self):
         check(self.every >= 0, "checkpoint.every", "must be >= 0")
         check(self.resume_every >= 0, "checkpoint.resume_every", "must be >= 0")
+        check(self.disk_budget_mb >= 0, "checkpoint.disk_budget_mb", "must be >= 0")
 
 
 @dataclass
@@ -276,6 +285,14 @@ class ProbeEntry:
 
 
 @dataclass
+class RemedyEntry:
+    """`remedies: [{name: kl, weight: 0.1}, ...]`: a registered forgetting remedy and its options."""
+
+    name: str = ""
+    options: Any = None
+
+
+@dataclass
 class MethodSection:
     """`method: {name: lora, r: 16, ...}`: the name picks a registered method, the rest are its options."""
 
@@ -299,6 +316,8 @@ class RunConfig:
     scoring: ScoringSection = doc("when probes score checkpoints", default_factory=ScoringSection)
     probes: list[ProbeEntry] = doc("task and retention probes (see `sftlab config --show`, probes)",
                                    default_factory=list)
+    remedies: list[RemedyEntry] = doc("forgetting remedies (replay, kl, l2sp, dft, ema, wise; docs/remedies.md)",
+                                      default_factory=list)
     select: SelectSection = doc("the rule that picks the recommended checkpoint (leaderboard, report, rewind)",
                                 default_factory=SelectSection)
     distributed: DistributedSection = doc("several processes: ddp, or sharded (fsdp, deepspeed configs)",
@@ -312,11 +331,16 @@ class RunConfig:
         d = to_dict(self)
         d["method"] = {"name": self.method.name, **to_dict(self.method.options)}
         d["probes"] = [{"name": p.name, **to_dict(p.options)} for p in self.probes]
+        d["remedies"] = [{"name": r.name, **to_dict(r.options)} for r in self.remedies]
         return d
 
     def hash(self) -> str:
         """What trained: every section but `select`, which only reads the finished path."""
         d = {k: v for k, v in self.to_dict().items() if k != "select"}
+        if not d["remedies"]:  # configs written before remedies existed keep their hash
+            del d["remedies"]
+        for k in ("keep", "disk_budget_mb"):  # what is kept on disk, not what trained
+            d["checkpoint"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -361,15 +385,43 @@ def parse_probes(data: Any) -> list[ProbeEntry]:
     return out
 
 
+def parse_remedies(data: Any) -> list[RemedyEntry]:
+    """`remedies:` a list of {name, options...} (or names), each validated by its registered options."""
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ConfigError("remedies: expected a list like [{name: kl, weight: 0.1}, {name: ema}]")
+    out = []
+    for i, entry in enumerate(data):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"remedies[{i}]: expected a section with a name, e.g. {{name: l2sp, weight: 0.01}}")
+        entry = dict(entry)
+        name = entry.pop("name")
+        try:
+            spec = REMEDIES.get(name)
+        except RegistryError as e:
+            raise ConfigError(f"remedies[{i}].name: {e}") from None
+        out.append(RemedyEntry(name, from_dict(spec.options, entry, f"remedies[{i}]")))
+    names = [r.name for r in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"remedies: {dup[0]!r} is listed twice; give it once")
+    return out
+
+
 def config_from_dict(data: dict) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError("config: the file must hold a mapping of sections (run, model, method, data, train, ...)")
     data = dict(data)
     method = parse_method(data.pop("method", None))
     probes = parse_probes(data.pop("probes", None))
+    remedies = parse_remedies(data.pop("remedies", None))
     cfg = from_dict(RunConfig, data)
     cfg.method = method
     cfg.probes = probes
+    cfg.remedies = remedies
     validate_combinations(cfg)
     return cfg
 
@@ -396,6 +448,20 @@ def validate_combinations(cfg: RunConfig) -> None:
     if cfg.model.new_token_rows == "new" and spec.peft:
         raise ConfigError("model.new_token_rows: 'new' is for full fine-tuning; adapter methods always train "
                           "only the new rows")
+    for i, r in enumerate(cfg.remedies):
+        rspec = REMEDIES.get(r.name)
+        if cfg.objective.name not in rspec.objectives:
+            raise ConfigError(f"remedies[{i}]: {r.name!r} works with objective {' or '.join(rspec.objectives)}, "
+                              f"not {cfg.objective.name!r}; remove it")
+        if rspec.needs_probes and not cfg.probes:
+            raise ConfigError(f"remedies[{i}]: {r.name!r} scores checkpoints of its own; add probes (e.g. "
+                              "[{name: kl_to_base}])")
+        if rspec.needs_merge and spec.merge is None:
+            raise ConfigError(f"remedies[{i}]: {r.name!r} moves weights along the path to the base; method "
+                              f"{spec.name!r} adds virtual tokens and has no weights to move; remove it")
+    if cfg.checkpoint.keep == "frontier" and not cfg.probes:
+        raise ConfigError("checkpoint.keep: frontier needs probes to tell which checkpoints are dominated; add "
+                          "probes or set checkpoint.keep=all")
     if cfg.objective.name == "dpo":
         if cfg.data.packing:
             raise ConfigError("data.packing: dpo scores each chosen and rejected answer as a row of its own; set "
@@ -435,7 +501,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def describe_config() -> str:
     lines = ["sftlab run configuration (YAML; override any key with key.path=value)", ""]
     lines += describe(RunConfig)
-    lines = [ln for ln in lines if not ln.strip().startswith(("method.name", "method.options", "probes[]."))]
+    lines = [ln for ln in lines if not ln.strip().startswith(("method.name", "method.options", "probes[].",
+                                                              "remedies[]."))]
     lines += ["", "method.name picks a method; its options sit beside it in the method section:"]
     for name in METHODS.names():
         spec = METHODS.get(name)
@@ -447,4 +514,9 @@ def describe_config() -> str:
         lines.append(f"  {name} ({'every checkpoint' if spec.cheap else 'generation: base, final, frontier'}): "
                      f"{spec.description}")
         lines += ["  " + ln for ln in describe(spec.options, "probes[].", 1)]
+    lines += ["", "remedies: a list; each entry names a forgetting remedy and sets its options beside the name:"]
+    for name in REMEDIES.names():
+        spec = REMEDIES.get(name)
+        lines.append(f"  {name}: {spec.description}")
+        lines += ["  " + ln for ln in describe(spec.options, "remedies[].", 1)]
     return "\n".join(lines)

@@ -99,7 +99,7 @@ FIELD_HEADER = ["key", "type", "default", "meaning"]
 def config_page() -> str:
     from .arena.plan import ArenaSection
     from .config import RunConfig
-    from .registry import METHODS, PROBES
+    from .registry import METHODS, PROBES, REMEDIES
     from .study.config import StudySection
 
     hints = typing.get_type_hints(RunConfig)
@@ -121,6 +121,8 @@ def config_page() -> str:
             out += method_section(METHODS)
         elif f.name == "probes":
             out += probe_section(PROBES)
+        elif f.name == "remedies":
+            out += remedy_section(REMEDIES)
         else:
             out += table(FIELD_HEADER, field_rows(tp, f"{f.name}."))
             for sub in dataclasses.fields(tp):
@@ -157,6 +159,18 @@ def probe_section(probes) -> list[str]:
         spec = probes.get(name)
         when = "every checkpoint" if spec.cheap else "generation: base, final, frontier"
         out += [f"### probe: {name}", "", sentence(f"{spec.description} ({when})"), ""]
+        out += table(FIELD_HEADER, field_rows(spec.options, "")) + [""]
+    return out[:-1]
+
+
+def remedy_section(remedies) -> list[str]:
+    out = ["A list; each entry names a registered forgetting remedy and sets its options beside the name: "
+           "`remedies: [{name: kl, weight: 0.1}, {name: ema, decay: 0.9}]`. The guide: [remedies.md](remedies.md).",
+           ""]
+    for name in remedies.names():
+        spec = remedies.get(name)
+        cite = f" ({spec.cite})" if spec.cite else ""
+        out += [f"### remedy: {name}", "", sentence(f"{spec.description}{cite}"), ""]
         out += table(FIELD_HEADER, field_rows(spec.options, "")) + [""]
     return out[:-1]
 

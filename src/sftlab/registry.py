@@ -1,6 +1,6 @@
 """Typed, strict registries: register by name, fail on duplicates, suggest the nearest name on a miss.
 
-The registries that config.py validates against (methods, probes) are made here, at the bottom of the house,
+The registries that config.py validates against (methods, probes, remedies) are made here, at the bottom of the house,
 and name the package that fills them (`provider`, a module path imported on the first lookup). So config.py
 reads a registry without importing the packages that register into it, and no import circle runs through it.
 """
@@ -86,3 +86,4 @@ def unknown_name_message(kind: str, name: str, known) -> str:
 # The registries config.py validates names and options against; their packages register into them.
 METHODS: Registry[Any] = Registry("method", provider=f"{__package__}.methods")
 PROBES: Registry[Any] = Registry("probe", provider=f"{__package__}.probes")
+REMEDIES: Registry[Any] = Registry("remedy", provider=f"{__package__}.remedies")

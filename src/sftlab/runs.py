@@ -49,7 +49,9 @@ class Run:
         for e in entries:
             if e["step"] == step:
                 return e
-        raise SftlabError(f"{self.dir}: no checkpoint at step {step}; have {[e['step'] for e in entries]}")
+        why = " (its weights were deleted as dominated: checkpoint.keep=frontier)" if any(
+            e["step"] == step and e.get("pruned") for e in read_trajectory(self.dir)) else ""
+        raise SftlabError(f"{self.dir}: no checkpoint at step {step}{why}; have {[e['step'] for e in entries]}")
 
     def base_ref(self) -> ModelRef:
         base = self.provenance.get("base_model", {})

@@ -163,7 +163,7 @@ def _described_keys() -> list[str]:
     keys = []
     hints = typing.get_type_hints(RunConfig)
     for section in dataclasses.fields(RunConfig):
-        if section.name in ("method", "probes"):  # registry-driven: checked by their own blocks below
+        if section.name in ("method", "probes", "remedies"):  # registry-driven: checked by their own blocks below
             continue
         cls = hints[section.name]
         sub_hints = typing.get_type_hints(cls)
@@ -201,6 +201,18 @@ def test_config_show_lists_every_probe_and_its_options():
         assert f"  {name} (" in block and spec.description in block
         for f in dataclasses.fields(spec.options):
             assert f"probes[].{f.name} (" in block, f"{name}: {f.name} not listed"
+
+
+def test_config_show_lists_every_remedy_and_its_options():
+    from sftlab.remedies import REMEDIES
+
+    out = subprocess.run([*SFTLAB, "config", "--show"], capture_output=True, text=True, timeout=600).stdout
+    block = out.split("remedies: a list")[1]
+    for name in REMEDIES.names():
+        spec = REMEDIES.get(name)
+        assert f"  {name}: {spec.description}" in block
+        for f in dataclasses.fields(spec.options):
+            assert f"remedies[].{f.name} (" in block, f"{name}: {f.name} not listed"
 
 
 def test_train_help_includes_field_docs():

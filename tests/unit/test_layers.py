@@ -32,7 +32,8 @@ LAYERS: list[list[str]] = [
     # counts with, budget_rules, are part of each method's registration: in the methods layer)
     ["sftlab.methods.budget"],
     # the training loop, and rewinding along the path it wrote
-    ["sftlab.train", "sftlab.rewinding", "sftlab.interpolate"],
+    # forgetting remedies hook into the loop (which imports them) and use rewinding's interpolation (WiSE-FT)
+    ["sftlab.train", "sftlab.rewinding", "sftlab.interpolate", "sftlab.remedies"],
     ["sftlab.scoring"],
     ["sftlab.runs"],
     # run-directory storage and process groups, below everything that reads or writes a run
@@ -195,8 +196,10 @@ def test_the_checker_sees_deferred_imports_and_circles():
 
 
 def test_config_reads_registries_that_name_their_packages():
-    from sftlab.registry import METHODS, PROBES
+    from sftlab.registry import METHODS, PROBES, REMEDIES
 
-    assert (METHODS.provider, PROBES.provider) == ("sftlab.methods", "sftlab.probes")
-    assert "sftlab.methods" not in import_graph()["sftlab.config"]
-    assert "lora" in METHODS and "kl_to_base" in PROBES
+    assert (METHODS.provider, PROBES.provider, REMEDIES.provider) == ("sftlab.methods", "sftlab.probes",
+                                                                      "sftlab.remedies")
+    graph = import_graph()["sftlab.config"]
+    assert not {"sftlab.methods", "sftlab.probes", "sftlab.remedies"} & graph
+    assert "lora" in METHODS and "kl_to_base" in PROBES and "l2sp" in REMEDIES

@@ -13,11 +13,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
-from ..config import RunConfig, config_from_dict, read_yaml
+from ..config import RunConfig, config_from_dict, parse_remedies, read_yaml
 from ..configtools import ConfigError, apply_overrides, check, doc, from_dict
 
 # The arena's names for quantized bases -> the run config's `quantization:` section (config_scale.py).
@@ -29,9 +29,22 @@ QUANTIZATIONS: dict[str, dict] = {
 }
 
 
-def trial_label(method: str, quant: str = "none") -> str:
-    """What the leaderboard and the report call a trial's (method, base): 'lora', or 'lora@nf4' on a quantized base."""
-    return method if quant in ("", "none") else f"{method}@{quant}"
+def trial_label(method: str, quant: str = "none", remedy: str = "none") -> str:
+    """What the leaderboard and the report call a trial's (method, base, remedy): 'lora', 'lora@nf4' on a quantized
+    base, 'lora+kl' with a forgetting remedy."""
+    label = method if quant in ("", "none") else f"{method}@{quant}"
+    return label if remedy in ("", "none") else f"{label}+{remedy}"
+
+
+def remedy_variant(entry) -> tuple[str, dict | None]:
+    """An `arena.remedies` value -> (its label, the run config's remedy entry or None for 'none')."""
+    if isinstance(entry, str):
+        return entry, (None if entry == "none" else {"name": entry})
+    return str(entry.get("label") or entry["name"]), {k: v for k, v in entry.items() if k != "label"}
+
+
+# Remedies whose scored trajectory is not the trial's own (remedies/ema.py writes RUN/ema): the leaderboard reads it.
+SCORES_DIR = {"ema": "ema"}
 
 
 @dataclass
@@ -53,6 +66,11 @@ class ArenaSection:
         "budget) is its own leaderboard row and frontier (named e.g. lora@nf4); retention is measured against "
         "the full-precision base for all (scoring.retention_base). Full fine-tuning trains the base weights "
         "themselves, so it runs on none only", default_factory=lambda: ["none"])
+    remedies: list[Any] = doc(
+        "forgetting remedies to compare, an axis like methods (docs/remedies.md): none (plain training), a remedy's "
+        "name (kl, l2sp, replay, dft, ema, wise), or a section {name: kl, weight: 0.5, label: kl0.5}. Each is its "
+        "own leaderboard row and frontier, named e.g. lora+kl; ema's row is its averaged trajectory (RUN/ema), "
+        "wise's adds the interpolated points of RUN/wise.json", default_factory=lambda: ["none"])
     lrs: dict[str, list[float]] = doc("per method, the learning rates to sweep (absent: the method's registered "
                                       "default_lr times lr_factors)", default_factory=dict)
     lr_factors: list[float] = doc("the default sweep: multiples of each method's default learning rate",
@@ -74,6 +92,13 @@ class ArenaSection:
         for q in self.quantizations:
             check(q in QUANTIZATIONS, "quantizations", f"{q!r} is not one of {', '.join(QUANTIZATIONS)}")
         check(len(set(self.quantizations)) == len(self.quantizations), "quantizations", "lists a base twice")
+        check(bool(self.remedies), "remedies", "list at least one variant, e.g. [none, kl]")
+        for r in self.remedies:
+            check(isinstance(r, str) or (isinstance(r, dict) and isinstance(r.get("name"), str)), "remedies",
+                  f"{r!r}: give a remedy's name (or none), or a section with a name, e.g. {{name: kl, weight: 0.5}}")
+        labels = [remedy_variant(r)[0] for r in self.remedies]
+        check(len(set(labels)) == len(labels), "remedies",
+              "lists a variant twice; give one of them a label, e.g. {name: kl, weight: 0.5, label: kl0.5}")
         check(all(f > 0 for f in self.lr_factors), "lr_factors", "must be positive")
         for m, grid in self.lrs.items():
             check(bool(grid) and all(lr > 0 for lr in grid), f"lrs.{m}", "must be a non-empty list of positive rates")
@@ -97,10 +122,11 @@ class Trial:
     hash: str = ""
     capped: bool = False  # the budget is beyond the method's reach: trained at its largest setting (note says)
     quant: str = "none"  # the base: a key of QUANTIZATIONS
+    remedy: str = "none"  # the label of an arena.remedies variant
 
     @property
     def label(self) -> str:
-        return trial_label(self.method, self.quant)
+        return trial_label(self.method, self.quant, self.remedy)
 
     @property
     def refused(self) -> bool:
@@ -109,8 +135,19 @@ class Trial:
     def record(self) -> dict:
         return {"name": self.name, "method": self.method, "budget": self.budget, "lr": self.lr, "seed": self.seed,
                 "trainable_params": self.trainable, "setting": self.setting, "note": self.note, "hash": self.hash,
-                "capped": self.capped, "quantization": self.quant, "label": self.label,
-                "run_dir": f"trials/{self.name}"}
+                "capped": self.capped, "quantization": self.quant, "label": self.label, "remedy": self.remedy,
+                "run_dir": f"trials/{self.name}", **self._scores()}
+
+    def _scores(self) -> dict:
+        """Where the leaderboard reads this trial's points when a remedy scores a trajectory of its own."""
+        names = [r.name for r in self.cfg.remedies] if self.cfg is not None else []
+        out = {}
+        for n in names:
+            if n in SCORES_DIR:
+                out["scores_dir"] = f"trials/{self.name}/{SCORES_DIR[n]}"
+            if n == "wise":
+                out["extra_points"] = f"trials/{self.name}/wise.json"
+        return out
 
 
 def load_arena(path: str | Path, overrides: list[str] = ()) -> tuple[ArenaSection, dict]:
@@ -133,6 +170,13 @@ def arena_from_dict(data: dict) -> tuple[ArenaSection, dict]:
     if not int(train.get("steps", 0) or 0):
         raise ConfigError("train.steps: an arena needs a fixed step count, so every trial sees the same tokens")
     config_from_dict({**data, "method": {"name": "full"}})  # the shared sections are valid before anything runs
+    for i, variant in enumerate(arena.remedies):  # names and options, before any trial is planned
+        entry = remedy_variant(variant)[1]
+        if entry is not None:
+            try:
+                parse_remedies([entry])
+            except ConfigError as e:
+                raise ConfigError(f"arena.{str(e).replace('remedies[0]', f'remedies[{i}]')}") from None
     return arena, data
 
 
@@ -189,35 +233,45 @@ def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial
             except BudgetError as e:
                 sol, section, note = None, None, str(e)
             for quant in arena.quantizations:
-                for lr in lr_grid(arena, method):
-                    for seed in arena.seeds:
-                        # a full-precision trial keeps the name it had before quantizations existed (resumable)
-                        tag = "" if quant == "none" else f"-{quant}"
-                        name = f"{method}-{_short(budget, labels.get(budget, ''))}{tag}-lr{lr:g}-s{seed}"
-                        trials.append(_trial(name, method, budget, lr, seed, base, section, sol, note, packing,
-                                             arena, quant))
+                for variant in arena.remedies:
+                    rlabel, entry = remedy_variant(variant)
+                    for lr in lr_grid(arena, method):
+                        for seed in arena.seeds:
+                            # a full-precision, remedy-free trial keeps the name it had before those axes existed
+                            tag = ("" if quant == "none" else f"-{quant}") + ("" if entry is None else f"-{rlabel}")
+                            name = f"{method}-{_short(budget, labels.get(budget, ''))}{tag}-lr{lr:g}-s{seed}"
+                            trials.append(_trial(name, method, budget, lr, seed, base, section, sol, note, packing,
+                                                 arena, quant, rlabel, entry))
     return trials
 
 
-def _trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena, quant="none") -> Trial:
+def _trial(name, method, budget, lr, seed, base, section, sol, note, packing, arena, quant="none",
+           remedy="none", entry=None) -> Trial:
     if section is None:
-        return Trial(name, method, budget, lr, seed, None, note=note, quant=quant)
+        return Trial(name, method, budget, lr, seed, None, note=note, quant=quant, remedy=remedy)
     from ..methods import resolve
 
     if quant != "none" and not resolve(method)[0].peft:
-        return Trial(name, method, budget, lr, seed, None, quant=quant,
+        return Trial(name, method, budget, lr, seed, None, quant=quant, remedy=remedy,
                      note=f"{method} trains the base weights themselves, which a {quant} base keeps frozen: "
                           "it runs on the full-precision base only (quantizations: none)")
     d = copy.deepcopy(base)
     d["method"] = section
     if quant != "none":
         d["quantization"] = dict(QUANTIZATIONS[quant])
+    if entry is not None:
+        d["remedies"] = list(d.get("remedies") or []) + [dict(entry)]
     d.setdefault("train", {})["lr"] = lr
     d.setdefault("data", {})["packing"] = packing
     d["run"] = {**(d.get("run") or {}), "name": name, "seed": seed, "output_dir": str(arena.folder / "trials")}
-    cfg = config_from_dict(d)
+    try:
+        cfg = config_from_dict(d)
+    except ConfigError as e:
+        if entry is None:
+            raise
+        return Trial(name, method, budget, lr, seed, None, quant=quant, remedy=remedy, note=str(e))
     return Trial(name, method, budget, lr, seed, cfg, sol.trainable, sol.description, note, trial_hash(cfg),
-                 sol.capped, quant)
+                 sol.capped, quant, remedy)
 
 
 def trials_table(trials: list[Trial]) -> str:

@@ -173,12 +173,15 @@ def leaderboard_for(folder: str | Path) -> dict:
     results = []
     for t in meta["trials"]:
         d = folder / t["run_dir"]
-        if t.get("status") != "done" or not (d / TRAJECTORY).is_file():
+        scored = folder / t.get("scores_dir", t["run_dir"])  # a remedy's own trajectory (ema: RUN/ema)
+        if t.get("status") != "done" or not (scored / TRAJECTORY).is_file():
             continue
         try:
-            points, task, ret = run_points(d, arena.get("task") or None, arena.get("retention") or None)
+            points, task, ret = run_points(scored, arena.get("task") or None, arena.get("retention") or None)
         except SftlabError:
             continue
+        if t.get("extra_points"):  # WiSE-FT: the final checkpoint moved towards the base, scored at each alpha
+            points = points + interpolated_points(folder / t["extra_points"], task, ret)
         # the label keeps a quantized base apart (lora@nf4): its own row and frontier, like another method
         label = t.get("label") or t["method"]
         results.append(TrialResult(t["name"], label, t["budget"], t["lr"], t["seed"], points,
@@ -187,6 +190,19 @@ def leaderboard_for(folder: str | Path) -> dict:
                               arena.get("retention", ""), (meta.get("config") or {}).get("select"))
     write_json_atomic(folder / LEADERBOARD, board)
     return board
+
+
+def interpolated_points(path: Path, task: str, ret: str) -> list:
+    """The points of a wise.json (remedies/wise.py) below alpha 1 (alpha 1 is the final checkpoint, already in)."""
+    import json
+
+    from ..trajectory import point_from_scores
+
+    if not path.is_file():
+        return []
+    w = json.loads(path.read_text(encoding="utf-8"))
+    return [point_from_scores(w["step"], p["scores"][task], p["scores"][ret], alpha=p["alpha"])
+            for p in w.get("points", []) if p["alpha"] < 1 and task in p["scores"] and ret in p["scores"]]
 
 
 def describe_usage(rec: dict) -> str:

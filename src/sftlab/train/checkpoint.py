@@ -159,7 +159,7 @@ def clean_incomplete(run_dir: Path, keep_until: int) -> list[str]:
     killed writer, a step folder renamed but never recorded, later steps). Lines go first, so a kill
     in between leaves extra folders, never a line without its folder. Returns the names removed."""
     truncate_jsonl(run_dir / TRAJECTORY, keep_until)
-    recorded = {Path(e["path"]).name for e in read_trajectory(run_dir) if "path" in e}
+    recorded = {Path(e["path"]).name for e in read_trajectory(run_dir) if e.get("path")}  # pruned: path null
     removed = []
     for parent, pattern in ((run_dir / "checkpoints", "*"), (run_dir, ".tmp-*"), (run_dir, ".*.tmp")):
         for p in sorted(parent.glob(pattern)) if parent.is_dir() else []:

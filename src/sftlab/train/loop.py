@@ -27,6 +27,7 @@ from ..faults import fault
 from ..methods import METHODS
 from ..models import load_model, load_tokenizer, resolve_model
 from ..objectives import OBJECTIVES, eval_loss
+from ..remedies import build_remedies
 from ..resources import peak_rss_mb
 from . import checkpoint as ckpt
 from . import dpo, sharding, speed
@@ -155,6 +156,12 @@ class Trainer:
         # the step's loss: one term per objective, plus extra terms (remedies' penalties) added to it
         self.term = dpo.DpoTerm(cfg.objective) if self.dpo else step_fn.SftTerm()
         self.extra_terms: list[step_fn.ExtraTerm] = []
+        self.last_forward = None  # (hidden, head) of the objective's forward on the current micro-batch
+        # forgetting remedies (remedies/): each a Hooks object called at fixed points of the loop
+        self.remedies = build_remedies(cfg.remedies)
+        for _, r in self.remedies:
+            if r.objective is not None:
+                self.objective = r.objective  # a loss-side remedy replaces the SFT objective (config checks sft)
         self.start = None  # runs.StartPoint when model.init_from names a run to start from
         # filled by setup()
         self.ref = None  # models.ModelRef of the base (retention is measured against it)
@@ -187,6 +194,8 @@ class Trainer:
             tokens.add_tokens(self.tokenizer, cfg.model.new_tokens)  # before the data is tokenized
             prepare = dpo.prepare_pairs if self.dpo else partial(prepare_data, progress=self.dist.main)
             self.data = prepare(cfg, self.tokenizer)
+            for _, r in self.remedies:  # replay mixes general text into the training examples
+                self.data = r.prepare(self, self.data)
             seed_everything(cfg.run.seed)  # adapter init is seeded
             if self.start is not None:  # an earlier run's checkpoint (merged), e.g. DPO after SFT
                 model = self.start.load(cfg.model.dtype)
@@ -228,6 +237,10 @@ class Trainer:
         if self.dist.world > 1:
             model = sharding.wrap(model, self.sharding)  # DDP, or FSDP2 behind DDP's interface
         self.model = model
+        for _, r in self.remedies:  # penalties keep what they pull towards (the starting weights, the base)
+            r.setup(self)
+            if r.term is not None:
+                self.extra_terms.append(r.term)
         plan = dpo.PairPlan if self.dpo else BatchPlan  # pairs: the same plan, collated as chosen + rejected rows
         self.plan = plan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
                          cfg.run.seed, self.dist.rank, self.dist.world, cfg.data.pad_to_multiple)
@@ -281,6 +294,8 @@ class Trainer:
             if self.cfg.model.new_tokens:
                 tokens.save_tokenizer(self.run_dir, self.tokenizer)
             extra = {"start": self.start.info(self.run_dir)} if self.start is not None else {}
+            if self.remedies:
+                extra["remedies"] = {name: r.provenance() for name, r in self.remedies}
             write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), {**self.params, **extra})
         else:
             print(f"sftlab: resuming {self.run_dir} at step {self.pos['step']}")
@@ -319,6 +334,8 @@ class Trainer:
             self._hook("before_optimizer_step", self)
             self.optimizer.step()
             self.scheduler.step()
+            for _, r in self.remedies:
+                r.after_update(self)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum / max(denom, 1.0), "grad_norm": grad_norm, "lr": lr, **info, "skipped": bad}
 
@@ -387,6 +404,9 @@ class Trainer:
             self._train_steps(cbs)
             for cb in cbs:
                 cb.on_train_end(self.pos["step"], {"skipped_steps": self.pos["skipped"]})
+            if d.main:
+                for _, r in self.remedies:  # after the final checkpoint and its scores (WiSE-FT reads them)
+                    r.on_train_end(self)
             if d.main and self.pos["skipped"]:
                 print(f"sftlab: {self.pos['skipped']} of {self.pos['step']} steps had a non-finite loss or gradient "
                       "and were skipped (see 'skipped' in metrics.jsonl)")
@@ -467,6 +487,12 @@ class Trainer:
             for cb in cbs:
                 cb.on_checkpoint(step, entry)
             self._announce_scores(cbs)
+            for _, r in self.remedies:  # EMA writes and scores its own checkpoint of the average
+                r.on_checkpoint(self, step)
+            if self.cfg.checkpoint.keep == "frontier":  # delete what the scores show is dominated
+                from .prune import prune
+
+                prune(self.run_dir, dataclasses.asdict(self.cfg.select), self.cfg.checkpoint.disk_budget_mb)
         if resume_due or last:
             ckpt.save_resume(self.run_dir, self.model, self.optimizer, self.scheduler, dict(self.pos),
                              full.get("trainable"), full.get("optimizer"))

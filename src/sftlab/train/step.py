@@ -9,6 +9,7 @@ the loop never branches on which one it runs.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Protocol, Sequence
 
@@ -69,10 +70,16 @@ def accumulate(trainer, micro: list[dict], term: LossTerm,
             # so the loss is a mean over the whole global step.
             loss, m = term.loss(trainer, batch, normaliser / world, autocast)
             for extra in extras:
+                t0 = time.perf_counter()
                 penalty, em = extra(trainer, batch, len(micro))
                 loss = loss + penalty
                 for k, v in em.items():
                     extra_metrics[f"{extra.name}/{k}"] = extra_metrics.get(f"{extra.name}/{k}", 0.0) + v / len(micro)
+                # the term's forward cost per step (its backward is inside the one backward below: the whole
+                # step's cost shows in step_time against a run without the term)
+                extra_metrics[f"{extra.name}/seconds"] = (extra_metrics.get(f"{extra.name}/seconds", 0.0)
+                                                          + time.perf_counter() - t0)
+            trainer.last_forward = None  # an extra term may reuse the objective's forward; drop it before backward
             loss.backward()
         for k in term.sums:
             sums[k] += m[k]
@@ -97,6 +104,7 @@ class SftTerm:
     def loss(self, trainer, batch, normaliser, autocast):
         with autocast:  # the head and its chunked cross-entropy run in bf16 too
             hidden, head = forward_hidden(trainer.model, batch)
+            trainer.last_forward = (hidden, head)  # for extra terms on the same batch (the KL penalty)
             return trainer.objective(hidden, batch["targets"], head, normaliser)
 
     def info(self, sums, counts):
