@@ -24,9 +24,10 @@ from test_gemma import desk_chats, fetched_gemma, gemma_like_tokenizer
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 PROMPT = "Which desk code does this go to?\n\nArticle number 7. The river runs past the mill"
-# max |logit difference| against the fp32 model, measured (random logits of std ~1.5): f32 0, f16 ~2e-3,
-# q8_0 ~2e-2; the bounds leave room for other seeds and platforms.
-BOUNDS = {"f32": 1e-4, "f16": 2e-2, "q8_0": 1.0}
+# max |logit difference| against the fp32 model, measured (logits up to ~8; the final norm's 1 + w is ~19, which
+# magnifies the head's rounding): f32 0, f16 0.014 (base) / 0.009 (LoRA run), q8_0 0.24; the bounds leave room for
+# other seeds and platforms.
+BOUNDS = {"f32": 1e-4, "f16": 5e-2, "q8_0": 1.0}
 HIDDEN = 64
 
 
