@@ -300,6 +300,7 @@ def _add_tokenizer(w, tok, vocab_size: int, pre: str, source: str = "") -> None:
             add(int(getattr(tok, key)))
     w.add_add_bos_token(_adds_bos(tok))
     if not _is_byte_level(spec):
+        w.add_add_sep_token(False)
         w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
         w.add_add_space_prefix(False)  # Gemma's normalizer only replaces spaces by ▁; it prepends none
     if getattr(tok, "chat_template", None):
