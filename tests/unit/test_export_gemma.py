@@ -1,7 +1,8 @@
 """GGUF export of Gemma-3: a tiny random Gemma3ForCausalLM written as a `gemma3` GGUF file and read back by
 transformers (`gguf_file=`) gives the same logits (f32 within 1e-4, f16 the same argmax everywhere and a bound,
-q8_0 a bound); a LoRA run on it exported through the CLI does too; a Gemma the format cannot state is refused in
-one line. The real Gemma-3-270M round trip is the slow test at the end (skips until fetched).
+q8_0 a bound); a LoRA run on it exported through the CLI does too; a SentencePiece-style tokenizer (byte fallback,
+no source GGUF) is rebuilt as tokenizer.ggml.model llama and encodes as before; a Gemma the format cannot state is
+refused in one line. The real Gemma-3-270M round trip is the slow test at the end (skips until fetched).
 
 The tiny model has the layout a gemma3 GGUF implies, because neither llama.cpp nor transformers' loader reads
 more: 6 layers (every 6th full attention), head_dim = query_pre_attn_scalar = 256 (the loader's default scalar;
@@ -142,6 +143,52 @@ def test_tiny_gemma_lora_run_exports_through_the_cli(gemma_dir, tmp_path):
         assert main(["export", str(run_dir), "--format", "gguf", "--quant", quant, "-o", str(out)]) == 0
         back, _ = _reload(next(out.glob("*.gguf")))
         _check(_logits(back, tok), want, quant)
+
+
+def sentencepiece_style_tokenizer():
+    """A tiny BPE shaped like Gemma's HF tokenizer: spaces normalized to ▁, byte fallback through <0xNN> tokens,
+    <pad> <eos> <bos> <unk> at ids 0-3, BOS added by the template; no GGUF source to copy arrays from."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    text = ["the river runs past the old mill and the town", "Which desk code does this go to? Article 7."] * 20
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
+    """tokenizer.ggml.model llama rebuilt from the HF tokenizer (scores by id, byte tokens typed BYTE): transformers'
+    Gemma reader recovers the merges from the token order and encodes every text as the original does."""
+    import torch
+    from gguf import GGUFReader, TokenType
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from sftlab.export.gguf import write_gguf
+
+    torch.set_num_threads(1)
+    tok = sentencepiece_style_tokenizer()
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**gguf_gemma_config(len(tok)))).eval()
+    path = write_gguf(model, tok, tmp_path / "spm.gguf", "f32")
+    fields = GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[4] == TokenType.BYTE and types[2] == TokenType.CONTROL and TokenType.NORMAL in types
+    back, gtok = _reload(path)
+    for text in ("the river runs past the old mill", "Which desk code, ünï 12345  x\n", "a town"):
+        ids = tok(text).input_ids
+        assert gtok(text).input_ids == ids and ids[0] == 2
+        assert gtok.decode(ids, skip_special_tokens=True) == text  # byte fallback decodes ü back
+    ids = torch.tensor([tok("the river runs past the old mill and the town").input_ids])
+    with torch.no_grad():
+        assert (back.eval()(ids).logits - model(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_gemma_layout_the_format_cannot_state_is_refused(tmp_path):

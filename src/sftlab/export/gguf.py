@@ -229,12 +229,12 @@ def _token_types(tok, spec: dict, vocab_size: int, by_id: dict, spm: bool) -> li
     for i in range(vocab_size):
         if i not in by_id:
             types.append(TokenType.UNUSED)
-        elif i in added:
+        elif spm and len(by_id[i]) == 6 and by_id[i].startswith("<0x") and by_id[i].endswith(">"):
+            types.append(TokenType.BYTE)  # byte fallback: llama.cpp decodes these to raw bytes
+        elif i in added:  # special ones CONTROL (Google's Gemma file types <unk> so too), others USER_DEFINED
             types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
         elif spm and i == getattr(tok, "unk_token_id", None):
             types.append(TokenType.UNKNOWN)
-        elif spm and len(by_id[i]) == 6 and by_id[i].startswith("<0x") and by_id[i].endswith(">"):
-            types.append(TokenType.BYTE)
         else:
             types.append(TokenType.NORMAL)
     return types
