@@ -6,8 +6,10 @@ What llama.cpp (and Ollama, and transformers' `gguf_file=` loader) expect of a L
 - Q and K rows permuted per head from HF's rotate-half layout to llama.cpp's interleaved one (the loader's
   LlamaTensorProcessor undoes exactly this permute);
 - 1-D tensors (norms) kept f32 whatever the quantization, as convert_hf_to_gguf does;
-- the tokenizer as `gpt2` BPE: tokens in id order, token types (special added tokens are CONTROL), merges,
-  bos/eos/unk/pad ids, add_bos, and the chat template; generation defaults as `general.sampling.*`.
+- a byte-level BPE tokenizer as `gpt2`: tokens in id order, token types (special added tokens are CONTROL),
+  merges, bos/eos/unk/pad ids, add_bos, and the chat template; generation defaults as `general.sampling.*`;
+- a SentencePiece-style one (BPE with byte fallback, Gemma's) as `llama`: tokens, scores and types (copied from
+  the GGUF the base came from when the vocabulary is the same; else rebuilt, scored by id), no merges.
 
 Gemma-3 (Gemma3ForCausalLM, model_type gemma3_text -> general.architecture gemma3), as convert_hf_to_gguf's
 Gemma3Model writes it: the same key set as the official Gemma-3-270M GGUF (context/embedding/block/ffn lengths,
