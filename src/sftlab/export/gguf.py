@@ -6,8 +6,18 @@ What llama.cpp (and Ollama, and transformers' `gguf_file=` loader) expect of a L
 - Q and K rows permuted per head from HF's rotate-half layout to llama.cpp's interleaved one (the loader's
   LlamaTensorProcessor undoes exactly this permute);
 - 1-D tensors (norms) kept f32 whatever the quantization, as convert_hf_to_gguf does;
-- the tokenizer as `gpt2` BPE: tokens in id order, token types (special added tokens are CONTROL), merges,
-  bos/eos/unk/pad ids, add_bos, and the chat template; generation defaults as `general.sampling.*`.
+- a byte-level BPE tokenizer as `gpt2`: tokens in id order, token types (special added tokens are CONTROL),
+  merges, bos/eos/unk/pad ids, add_bos, and the chat template; generation defaults as `general.sampling.*`;
+- a SentencePiece-style one (BPE with byte fallback, Gemma's) as `llama`: tokens, scores and types (copied from
+  the GGUF the base came from when the vocabulary is the same; else rebuilt, scored by id), no merges.
+
+Gemma-3 (Gemma3ForCausalLM, model_type gemma3_text -> general.architecture gemma3), as convert_hf_to_gguf's
+Gemma3Model writes it: the same key set as the official Gemma-3-270M GGUF (context/embedding/block/ffn lengths,
+head counts, key/value length = head_dim, rope.freq_base of the full-attention layers, sliding_window, rms eps);
+no Q/K permute (llama.cpp runs Gemma's rotary in the NEOX layout); every `*norm.weight` stored as `w + 1`
+(Gemma scales by 1 + w, llama.cpp by w; transformers' loader subtracts 1 again). What the format does not state,
+llama.cpp assumes (every 6th layer full attention, the rest sliding; sliding layers' rope base 10000; queries
+scaled by 1/sqrt(head_dim); no soft-capping): a model that differs is refused rather than written wrong.
 
 An architecture is one entry of ARCHS (hyper-parameters + per-tensor transform); others are refused in one line.
 """
@@ -86,8 +96,66 @@ def _llama_tensor(name: str, data, cfg):
     return data
 
 
+def _rope_of(cfg, layer_type: str) -> dict:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    sub = params.get(layer_type) if isinstance(params, dict) else None
+    return sub if isinstance(sub, dict) else {}
+
+
+def _gemma3_check(cfg) -> None:
+    """Refuse what a gemma3 GGUF cannot state and llama.cpp would silently read differently."""
+    def refuse(what: str) -> None:
+        raise SftlabError(f"GGUF export: this Gemma-3 has {what}, which a gemma3 GGUF cannot state (llama.cpp "
+                          "assumes the Gemma-3 defaults); export a merged folder (--format hf) instead")
+
+    n = int(cfg.num_hidden_layers)
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    if list(getattr(cfg, "layer_types", None) or pattern) != pattern:
+        refuse(f"layer types {list(cfg.layer_types)} (llama.cpp: every 6th layer full attention)")
+    if int(getattr(cfg, "query_pre_attn_scalar", None) or _head_dim(cfg)) != _head_dim(cfg):
+        refuse(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} != head_dim {_head_dim(cfg)}")
+    local = _rope_of(cfg, "sliding_attention")
+    if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
+        refuse(f"sliding-layer rope {local}")
+    full = _rope_of(cfg, "full_attention")
+    if full.get("rope_type", "default") not in ("default", "linear"):
+        refuse(f"rope scaling {full.get('rope_type')!r} (only linear is stated)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, key, None) is not None:
+            refuse(f"{key} {getattr(cfg, key)}")
+    if getattr(cfg, "use_bidirectional_attention", False) or getattr(cfg, "attention_bias", False):
+        refuse("bidirectional attention or attention biases")
+    if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        refuse(f"activation {cfg.hidden_activation!r}")
+
+
+def _gemma3_hparams(w, cfg) -> None:
+    import gguf
+
+    full = _rope_of(cfg, "full_attention")
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(cfg.num_attention_heads))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_key_length(_head_dim(cfg))
+    w.add_value_length(_head_dim(cfg))
+    w.add_rope_freq_base(float(full.get("rope_theta", 1_000_000.0)))  # the full-attention layers'
+    w.add_sliding_window(int(cfg.sliding_window))
+    w.add_head_count_kv(int(cfg.num_key_value_heads or cfg.num_attention_heads))
+    if full.get("rope_type") == "linear":  # Gemma-3 1B+: scaling on the full-attention layers only
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(full["factor"]))
+
+
+def _gemma3_tensor(name: str, data, cfg):
+    return data + 1.0 if name.endswith("norm.weight") else data  # Gemma's 1 + w, as llama.cpp multiplies
+
+
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", _llama_check, _llama_hparams, _llama_tensor),
+    "gemma3_text": GGUFArch("gemma3", _gemma3_check, _gemma3_hparams, _gemma3_tensor),
 }
 
 
@@ -149,38 +217,94 @@ def _add_tensors(w, model, arch: GGUFArch, quant: str) -> int:
 
 # ---- tokenizer and generation settings -------------------------------------------------------------------
 
-def _add_tokenizer(w, tok, vocab_size: int, pre: str) -> None:
+def _is_byte_level(spec: dict) -> bool:
+    """A gpt2-style vocabulary (bytes spelled as printable characters), not a SentencePiece one (▁ + byte fallback)."""
+    return spec["model"].get("type") == "BPE" and "ByteLevel" in json.dumps(
+        [spec.get("pre_tokenizer"), spec.get("decoder")])
+
+
+def _token_types(tok, spec: dict, vocab_size: int, by_id: dict, spm: bool) -> list:
     from gguf import TokenType
 
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    types = []
+    for i in range(vocab_size):
+        if i not in by_id:
+            types.append(TokenType.UNUSED)
+        elif spm and len(by_id[i]) == 6 and by_id[i].startswith("<0x") and by_id[i].endswith(">"):
+            types.append(TokenType.BYTE)  # byte fallback: llama.cpp decodes these to raw bytes
+        elif i in added:  # special ones CONTROL (Google's Gemma file types <unk> so too), others USER_DEFINED
+            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+        elif spm and i == getattr(tok, "unk_token_id", None):
+            types.append(TokenType.UNKNOWN)
+        else:
+            types.append(TokenType.NORMAL)
+    return types
+
+
+def _spm_tokens(w, tok, spec: dict, vocab_size: int, by_id: dict, source: str) -> None:
+    """tokenizer.ggml.model `llama` (SentencePiece): tokens, scores, types. When the base came from a GGUF file
+    with this very vocabulary (Gemma-3-270M does), its three arrays are copied verbatim: they are what llama.cpp
+    was given by Google's own converter; otherwise they are rebuilt from the HF tokenizer, scored by id (earlier
+    = merged first, the order transformers' reader recovers Gemma merges from)."""
+    if source and Path(source).is_file():
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(source)).fields
+        tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
+        if len(tokens) == vocab_size and len(by_id) <= vocab_size and fields.get("tokenizer.ggml.model") \
+                and fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.scores" in fields:
+            w.add_token_list(tokens)
+            w.add_token_scores([float(x) for x in fields["tokenizer.ggml.scores"].contents()])
+            w.add_token_types([int(x) for x in fields["tokenizer.ggml.token_type"].contents()])
+            return
+    w.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    w.add_token_scores([-float(i) for i in range(vocab_size)])
+    w.add_token_types(_token_types(tok, spec, vocab_size, by_id, spm=True))
+
+
+def _adds_bos(tok) -> bool:
+    """Whether encoding puts BOS in front: the flag, or a post-processor that does it (Gemma's converted
+    tokenizer keeps add_bos_token False and adds BOS in its template)."""
+    if getattr(tok, "add_bos_token", False):
+        return True
+    bos = getattr(tok, "bos_token_id", None)
+    return bos is not None and tok("a").input_ids[:1] == [bos]
+
+
+def _add_tokenizer(w, tok, vocab_size: int, pre: str, source: str = "") -> None:
     spec = json.loads(tok.backend_tokenizer.to_str())
     if spec["model"].get("type") != "BPE":
         raise SftlabError(f"GGUF export: a {spec['model'].get('type')} tokenizer is not translated yet (only "
-                          "byte-level BPE, the gpt2 kind)")
+                          "BPE: byte-level, the gpt2 kind, or SentencePiece-style with byte fallback)")
     by_id = {i: t for t, i in tok.get_vocab().items()}
-    added = {a["id"]: a for a in spec.get("added_tokens", [])}
     if max(by_id) >= vocab_size:
         raise SftlabError(f"GGUF export: the tokenizer has ids up to {max(by_id)} but the model's embedding has "
                           f"{vocab_size} rows")
-    tokens, types = [], []
-    for i in range(vocab_size):  # rows beyond the tokenizer (padding) get placeholder tokens, as llama.cpp does
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL if i not in added else
-                         TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
-    merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"].get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if _is_byte_level(spec):
+        # rows beyond the tokenizer (padding) get placeholder tokens, as llama.cpp does
+        merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"].get("merges", [])]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+        w.add_token_types(_token_types(tok, spec, vocab_size, by_id, spm=False))
+        w.add_token_merges(merges)
+    else:
+        if not spec["model"].get("byte_fallback"):
+            raise SftlabError("GGUF export: a BPE tokenizer that is neither byte-level nor SentencePiece-style "
+                              "(byte fallback) is not translated yet")
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre(pre)
+        _spm_tokens(w, tok, spec, vocab_size, by_id, source)
     for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
         if getattr(tok, key, None) is not None:
             add(int(getattr(tok, key)))
-    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    w.add_add_bos_token(_adds_bos(tok))
+    if not _is_byte_level(spec):
+        w.add_add_sep_token(False)
+        w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
+        w.add_add_space_prefix(False)  # Gemma's normalizer only replaces spaces by ▁; it prepends none
     if getattr(tok, "chat_template", None):
         w.add_chat_template(tok.chat_template)
 
@@ -210,6 +334,7 @@ class GGUFMeta:
     base_repo: str = ""  # the base model's origin (hub id), as general.base_model.0.repo_url
     pre: str = "default"  # llama.cpp's pre-tokenizer name (the GGUF source's, when the base came from one)
     generation: dict | None = None  # the base's generation_config.json
+    source: str = ""  # the GGUF file the base was converted from, if any (its SentencePiece arrays are reused)
 
 
 def write_gguf(model, tok, path: str | Path, quant: str = "f16", meta: GGUFMeta | None = None) -> Path:
@@ -234,7 +359,7 @@ def write_gguf(model, tok, path: str | Path, quant: str = "f16", meta: GGUFMeta 
     w.add_file_type(_file_type(quant))
     if quant == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(w, tok, int(cfg.vocab_size), meta.pre)
+    _add_tokenizer(w, tok, int(cfg.vocab_size), meta.pre, meta.source)
     _add_sampling(w, meta.generation or {})
     _add_tensors(w, model, arch, quant)
     w.write_header_to_file()

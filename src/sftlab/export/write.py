@@ -127,5 +127,6 @@ def write_gguf_folder(folder: Path, run, model, tok, gguf_name: str, quant: str,
     source_gguf = json.loads(src.read_text()).get("gguf", "") if src.is_file() else ""
     pre = read_pre(source_gguf) if source_gguf and Path(source_gguf).is_file() else "default"
     write_gguf(model, tok, folder / gguf_name, quant,
-               GGUFMeta(name=name, license=origin.license, base_repo=origin.hub_id, pre=pre, generation=gen))
+               GGUFMeta(name=name, license=origin.license, base_repo=origin.hub_id, pre=pre, generation=gen,
+                        source=source_gguf))
     (folder / "Modelfile").write_text(modelfile(gguf_name, tok, gen), encoding="utf-8")
