@@ -232,13 +232,19 @@ def _num(v, sd=None, fmt="{:.3f}") -> str:
     return text + (f"±{fmt.format(sd)}" if sd else "")
 
 
+def _method_width(rows: list[dict]) -> int:
+    """The method column's width: labels such as lora@int8 or full+l2sp0.1 are longer than a method's name."""
+    return max([8, *(len(str(r["method"])) + 1 for r in rows)])
+
+
 def format_leaderboard(board: dict) -> str:
     """A terminal table, best first, with the rule and the normalisation stated under it."""
     rows = board.get("rows", [])
     if not rows:
         return "leaderboard: no finished trial with both scores"
     gpu = any(_finite(r.get("peak_gpu_mb")) for r in rows)
-    head = (f"{'method':<8}{'budget':>9}{'trainable':>12}{'lr':>10}  {board['task'][:18]:>18}  "
+    w = _method_width(rows)
+    head = (f"{'method':<{w}}{'budget':>9}{'trainable':>12}{'lr':>10}  {board['task'][:18]:>18}  "
             f"{board['retention'][:18]:>18}  {'sel. step':>9}{'overshoot':>10}{'HV':>12}{'tok/s':>9}"
             f"{'peak MB':>9}" + (f"{'GPU MB':>8}" if gpu else "") + f"{'wall s':>8}{'CPU s':>8}{'tokens':>10}")
     lines = [head, "-" * len(head)]
@@ -247,7 +253,7 @@ def format_leaderboard(board: dict) -> str:
         overshot = f"{r['final_dominated']}/{r['seeds']}"
         peak = _num(r.get("peak_mem_mb"), None, "{:.0f}") + ("" if r.get("peak_scope", "trial") == "trial" else "*")
         lines.append(
-            f"{r['method']:<8}{_budget(r['budget']):>9}"
+            f"{r['method']:<{w}}{_budget(r['budget']):>9}"
             f"{format(r['trainable_params'], ',') + ('!' if r.get('off_budget') else ''):>12}"
             f"{','.join(f'{x:g}' for x in r['lr']):>10}  {_num(r['final_task'], r['final_task_sd'], '{:.4g}'):>18}  "
             f"{_num(r['final_retention'], r['final_retention_sd'], '{:.4g}'):>18}  {knees:>9}"
@@ -282,7 +288,8 @@ def points_table(board: dict) -> list[str]:
     rows = [r for r in board.get("rows", []) if r.get("points")]
     if not rows:
         return []
-    head = f"{'method':<8}{'budget':>9}  {'point':<9}{'steps':>12}  {board['task'][:30]:>32}  {board['retention'][:30]:>32}"
+    w = _method_width(rows)
+    head = f"{'method':<{w}}{'budget':>9}  {'point':<9}{'steps':>12}  {board['task'][:30]:>32}  {board['retention'][:30]:>32}"
     lines = [f"points across seeds: mean [95% t-interval] (n seeds); select rule: "
              f"{board.get('select_rule') or rule_text(None)}", head, "-" * len(head)]
     for r in rows:
@@ -290,7 +297,7 @@ def points_table(board: dict) -> list[str]:
             m = r["points"][k]
             base = m.get("base_kept", 0)
             steps = ",".join(map(str, m["steps"])) or "-"
-            lines.append(f"{r['method'] if not i else '':<8}{_budget(r['budget']) if not i else '':>9}  {k:<9}"
+            lines.append(f"{r['method'] if not i else '':<{w}}{_budget(r['budget']) if not i else '':>9}  {k:<9}"
                          f"{steps:>12}  {ci_text(m['task']):>32}  {ci_text(m['retention']):>32}"
                          + (f"  base kept in {base}/{r['seeds']} seed(s): no checkpoint beat it" if base else ""))
     lines.append("start: " + POINT_NOTE["start"] + "; final: " + POINT_NOTE["final"] + "; selected: " + POINT_NOTE["selected"] + "; rewound: "
