@@ -50,7 +50,7 @@ METHOD_OPTIONS = {"prompt": {"num_virtual_tokens": 20}}
 # Each method trains at its registered default_lr: the rate the sweep recorded in DEVELOPERS.md chose (largest
 # hypervolume per method), which `sftlab demo --sweep` reruns: the same arena with SWEEP_LRS (full fine-tuning does
 # not depend on the budget: its rate comes from the first sweep, DEVELOPERS.md).
-SWEEP_LRS = {"full": [1e-4], "lora": [1e-3, 3e-3], "oft": [3e-3, 1e-2], "prefix": [1e-2, 3e-2],
+SWEEP_LRS = {"full": [1e-4], "lora": [1e-3, 3e-3], "oft": [1e-3, 3e-3, 1e-2], "prefix": [1e-2, 3e-2],
              "prompt": [1e-2, 3e-2]}
 
 

@@ -74,4 +74,4 @@ def candidates(shape, o, pinned, search):
 
 register_method(Method("oft", OFTOptions, apply, "orthogonal fine-tuning (exact Cayley rotations by default)",
                        merge=ROTATION, token_rows=True, budget=BudgetRule(count, candidates, describe_rotation),
-                       default_lr=1e-2))
+                       default_lr=1e-3))

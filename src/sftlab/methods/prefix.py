@@ -117,4 +117,4 @@ def describe(shape, o) -> str:
 
 register_method(Method("prefix", PrefixOptions, apply, "prefix tuning (learned per-layer key/value prefixes)",
                        packing=False, merge=None, starts_at_base=False, token_rows=True,
-                       budget=BudgetRule(count, candidates, describe), default_lr=1e-1))
+                       budget=BudgetRule(count, candidates, describe), default_lr=1e-2))
