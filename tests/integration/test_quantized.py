@@ -94,8 +94,13 @@ def test_step0_scores_of_a_quantized_base_are_kept_apart(tmp_path, tiny_model_di
     plain = tiny_config(tmp_path, tiny_model_dir, data)
     quant = tiny_config(tmp_path, tiny_model_dir, data, quantization={"bits": 4})
     ref = ModelRef(str(tiny_model_dir), str(tiny_model_dir), "abc", "local")
-    assert base_scores_file(plain, ref) != base_scores_file(quant, ref)
-    assert context_for(plain, ref).base_id != context_for(quant, ref).base_id
+    assert base_scores_file(plain, ref) != base_scores_file(quant, ref)  # step 0 of a quantized base is its own
+    # retention's reference: the full-precision base by default (one origin for both), the dequantized base on request
+    assert context_for(plain, ref).base_id == context_for(quant, ref).base_id
+    deq = tiny_config(tmp_path, tiny_model_dir, data, quantization={"bits": 4},
+                      scoring={"retention_base": "dequantized"})
+    assert context_for(deq, ref).base_id != context_for(plain, ref).base_id
+    assert base_scores_file(deq, ref) != base_scores_file(quant, ref)
 
 
 def test_gpu_qlora_benchmark_runs_tiny_on_cpu(tmp_path):
