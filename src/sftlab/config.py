@@ -360,24 +360,32 @@ def parse_method(data: Any):
     return MethodSection(name=name, options=from_dict(spec.options, data, "method"))
 
 
-def parse_probes(data: Any) -> list[ProbeEntry]:
+def _registered_entries(data: Any, key: str, registry, example: str, one: str) -> list[tuple[str, Any]]:
+    """A list of registered things with options (`probes:`, `remedies:`): [(name, validated options)]. An entry
+    is a name or a section {name, options...}; its options are checked by the registered options class."""
     if data is None:
         return []
     if not isinstance(data, list):
-        raise ConfigError("probes: expected a list like [{name: heldout_loss, path: eval.jsonl}, {name: kl_to_base}]")
+        raise ConfigError(f"{key}: expected a list like [{example}]")
     out = []
     for i, entry in enumerate(data):
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"probes[{i}]: expected a section with a name, e.g. {{name: kl_to_base}}")
+            raise ConfigError(f"{key}[{i}]: expected a section with a name, e.g. {one}")
         entry = dict(entry)
         name = entry.pop("name")
         try:
-            spec = PROBES.get(name)
+            spec = registry.get(name)
         except RegistryError as e:
-            raise ConfigError(f"probes[{i}].name: {e}") from None
-        out.append(ProbeEntry(name, from_dict(spec.options, entry, f"probes[{i}]")))
+            raise ConfigError(f"{key}[{i}].name: {e}") from None
+        out.append((name, from_dict(spec.options, entry, f"{key}[{i}]")))
+    return out
+
+
+def parse_probes(data: Any) -> list[ProbeEntry]:
+    out = [ProbeEntry(n, o) for n, o in _registered_entries(
+        data, "probes", PROBES, "{name: heldout_loss, path: eval.jsonl}, {name: kl_to_base}", "{name: kl_to_base}")]
     names = [getattr(p.options, "score_name", "") or p.name for p in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -387,23 +395,8 @@ def parse_probes(data: Any) -> list[ProbeEntry]:
 
 def parse_remedies(data: Any) -> list[RemedyEntry]:
     """`remedies:` a list of {name, options...} (or names), each validated by its registered options."""
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise ConfigError("remedies: expected a list like [{name: kl, weight: 0.1}, {name: ema}]")
-    out = []
-    for i, entry in enumerate(data):
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"remedies[{i}]: expected a section with a name, e.g. {{name: l2sp, weight: 0.01}}")
-        entry = dict(entry)
-        name = entry.pop("name")
-        try:
-            spec = REMEDIES.get(name)
-        except RegistryError as e:
-            raise ConfigError(f"remedies[{i}].name: {e}") from None
-        out.append(RemedyEntry(name, from_dict(spec.options, entry, f"remedies[{i}]")))
+    out = [RemedyEntry(n, o) for n, o in _registered_entries(
+        data, "remedies", REMEDIES, "{name: kl, weight: 0.1}, {name: ema}", "{name: l2sp, weight: 0.01}")]
     names = [r.name for r in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
