@@ -12,15 +12,13 @@ llama.cpp scales by 1/sqrt(head_dim)), sliding-layer rope base 10000. Its norms 
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import write_jsonl
 from sftlab.cli import main
-from test_gemma import desk_chats, fetched_gemma, gemma_like_tokenizer
+from test_gemma import build_tiny_gemma, desk_chats, fetched_gemma
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -39,22 +37,10 @@ def gguf_gemma_config(vocab: int) -> dict:
             "pad_token_id": 2, "max_position_embeddings": 1024}
 
 
-def build_gguf_gemma(folder: Path, seed: int = 0, embed_std: float = 0.01, logit_scale: float = 1.5) -> Path:
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    tok = gemma_like_tokenizer()
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(initializer_range=0.1, **gguf_gemma_config(len(tok))))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0.0, 0.2)  # Gemma's norms scale by 1 + w: random w tests the stored w + 1
-        model.model.embed_tokens.weight.normal_(0.0, embed_std)
-        model.model.norm.weight.fill_(logit_scale / (math.sqrt(HIDDEN) * embed_std) - 1.0)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    return folder
+def build_gguf_gemma(folder: Path, seed: int = 0) -> Path:
+    """The tiny Gemma of test_gemma in the layout a gemma3 GGUF implies, its norms random (0.2): storing w + 1 is
+    exercised."""
+    return build_tiny_gemma(folder, seed, config=gguf_gemma_config, norm_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +208,6 @@ def test_real_gemma_reexports_with_the_same_logits(tmp_path):
     from sftlab.models import load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(1)
-    start = time.time()
     ref = resolve_model("gemma3-270m")
     model, tok = load_model(ref, "float32"), load_tokenizer(ref)
     import json
@@ -244,4 +229,3 @@ def test_real_gemma_reexports_with_the_same_logits(tmp_path):
     for key in src:  # every key of Google's file, with the same value (bar what names the file and its quant)
         if key.startswith(("gemma3.", "tokenizer.")):
             assert key in new and new[key].contents() == src[key].contents(), key
-    print(f"real Gemma-3-270M f32 GGUF round trip: {time.time() - start:.0f} s")

@@ -55,19 +55,25 @@ def tiny_gemma_config(vocab: int, sliding_window: int = 8) -> dict:
             "pad_token_id": 2, "max_position_embeddings": 1024}
 
 
-def build_tiny_gemma(folder: Path, seed: int = 0, embed_std: float = 0.01, logit_scale: float = 1.5) -> Path:
+def build_tiny_gemma(folder: Path, seed: int = 0, embed_std: float = 0.01, logit_scale: float = 1.5,
+                     config=None, norm_std: float = 0.0) -> Path:
     """A 2-layer Gemma-3 whose output a small adapter can steer (as test_methods.build_learnable_model: small tied
     embeddings, the final norm raised so random logits have std `logit_scale`; Gemma's norms scale by 1 + w, and
-    its embeddings are multiplied by sqrt(hidden) on the way in)."""
+    its embeddings are multiplied by sqrt(hidden) on the way in). `config(vocab)` gives another layout;
+    `norm_std` > 0 draws every norm weight at random first (Gemma's 1 + w convention exercised)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tok = gemma_like_tokenizer()
-    cfg = dict(tiny_gemma_config(len(tok)))
-    cfg.pop("model_type")
+    cfg = dict((config or tiny_gemma_config)(len(tok)))
+    cfg.pop("model_type", None)
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(Gemma3TextConfig(initializer_range=0.1, **cfg))
     with torch.no_grad():
+        if norm_std:
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, norm_std)
         model.model.embed_tokens.weight.normal_(0.0, embed_std)
         model.model.norm.weight.fill_(logit_scale / (math.sqrt(HIDDEN) * embed_std) - 1.0)
     model.save_pretrained(str(folder), safe_serialization=True)
