@@ -81,12 +81,19 @@ def tiny_config(tmp_path: Path, model_dir: Path, data_path: Path, method: dict |
     return config_from_dict(d)
 
 
+def task_files(folder: Path, passages: int = 12) -> tuple[Path, Path]:
+    """(16 memorisable chats as JSONL, `passages` short general-text passages) written into `folder`: a task and a
+    retention text for tiny runs."""
+    chats = write_jsonl(folder / "chats.jsonl", memorisable_chats(16))
+    general = folder / "general.txt"
+    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
+                                   for i in range(passages)))
+    return chats, general
+
+
 def arena_config(tmp: Path, model_dir: Path, data: dict | None = None, **arena) -> Path:
     """A tiny arena on memorisable chats, scored by held-out loss and KL to the base; `arena` and `data` override."""
-    chats = write_jsonl(tmp / "chats.jsonl", memorisable_chats(16))
-    general = tmp / "general.txt"
-    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
-                                   for i in range(8)))
+    chats, general = task_files(tmp, passages=8)
     cfg = {
         "arena": {"name": "a", "output_dir": str(tmp / "out"), "methods": ["full", "lora", "prompt"],
                   "budgets": ["4k"], "lrs": {"full": [1e-3], "lora": [1e-3, 1e-2], "prompt": [3e-2]}, **arena},

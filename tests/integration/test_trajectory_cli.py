@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import build_tiny_model, memorisable_chats, tiny_config, write_jsonl
+from conftest import build_tiny_model, memorisable_chats, task_files, tiny_config
 from sftlab.cli import main
 from sftlab.config import parse_probes
 from sftlab.runs import Run
@@ -18,12 +18,7 @@ from sftlab.train.loop import Trainer
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("traj-data")
-    chats = write_jsonl(d / "chats.jsonl", memorisable_chats(16))
-    general = d / "general.txt"
-    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
-                                   for i in range(12)))
-    return chats, general
+    return task_files(tmp_path_factory.mktemp("traj-data"))
 
 
 def probes(files):

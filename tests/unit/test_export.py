@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model, memorisable_chats, tiny_config, write_jsonl
+from conftest import build_tiny_model, task_files, tiny_config
 from sftlab.cli import main
 
 PROMPT = "<|im_start|>user\ncolour of item 3?<|im_end|>\n<|im_start|>assistant\nThe river runs past the mill"
@@ -21,12 +21,7 @@ BOUNDS = {"f32": 1e-4, "f16": 5e-3, "q8_0": 5e-2}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("export-data")
-    chats = write_jsonl(d / "chats.jsonl", memorisable_chats(16))
-    general = d / "general.txt"
-    general.write_text("\n\n".join(f"Passage {i}: the river runs past the old mill and the town of {i}."
-                                   for i in range(12)))
-    return chats, general
+    return task_files(tmp_path_factory.mktemp("export-data"))
 
 
 def _train(tmp, files, method, name):
