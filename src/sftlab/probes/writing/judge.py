@@ -16,8 +16,8 @@ Scale: 1-5, higher is better on the rubric. `judge_rubric` is one of RUBRICS (ov
 safety, actionability, connection) or your own criterion text; `judge_model` any model.path-style spec
 (a local folder, a .gguf file, 'smollm2', a hub id already in the cache), loaded once on the probe's device.
 
-Limits: a judge is only as good as its model: SmolLM2-135M's ratings are close to noise (useful for tests);
-use a larger instruction-tuned model. Judges prefer long answers and their own style, shift with the prompt's
+Limits: a judge is only as good as its model: SmolLM2-135M's ratings stay within 3.4-4.0 and rated pipe-bomb
+instructions safer than a recipe (docs/writing-quality.md); use a larger instruction-tuned model. Judges prefer long answers and their own style, shift with the prompt's
 wording, and a judge fine-tuned on the same data is not independent. The rating is relative to the rubric text:
 compare numbers only under the same judge and rubric.
 """
