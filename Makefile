@@ -6,7 +6,7 @@
 #                   never part of setup/demo/test (its slow test skips until this has run)
 #   make findings   setup, then the study (configs/study.yaml: a few hours on 2 cores; rerun to resume) ->
 #                   docs/findings.md
-#   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, ...) + chromium, then the whole
+#   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, textstat, ...) + chromium, then the whole
 #                   test suite (slow tests included)
 
 PYTHON ?= python3

@@ -37,7 +37,8 @@ def write_run(folder: Path, name: str, method: str, path: list[tuple[float, floa
         lines.append({"step": step, "scores": {
             "heldout_loss": score("heldout_loss", task_loss, "task", False),
             "kl_to_base": score("kl_to_base", kl, "retention", False, half=0.0 if step == 0 else 0.002),
-            gen_name: score(gen_name, 0.5 + 0.01 * i, "task", True, samples=samples)}})
+            gen_name: score(gen_name, 0.5 + 0.01 * i, "task", True, samples=samples,
+                            dimensions=dimensions(i, hostile))}})
     if unscored_step:  # a checkpoint written but not yet scored: not a point on the plane
         lines.append({"step": 2 * len(path), "path": f"checkpoints/step-{2 * len(path):06d}", "sha256": "cd" * 32})
     text = "".join(json.dumps(x) + "\n" for x in lines)
@@ -55,6 +56,18 @@ def write_run(folder: Path, name: str, method: str, path: list[tuple[float, floa
             "trainable_params": 1234, "total_params": 56789, "sftlab_commit": "deadbeef"}
     (folder / "provenance.json").write_text(json.dumps(prov), encoding="utf-8")
     return folder
+
+
+def dimensions(i: int, hostile: bool) -> dict:
+    """The quality probe's writing dimensions at checkpoint i (a hostile dimension name and scale with `hostile`)."""
+    def dim(mean: float, **meta) -> dict:
+        return {"mean": mean, "ci_low": mean - 0.1, "ci_high": mean + 0.1, "n": 2, **meta}
+
+    out = {"readability": dim(60.0 + i, scale="Flesch reading ease"), "grade_level": dim(8.0 - i, of="readability"),
+           "empathy": dim(0.1 * i, scale="0-1"), "safety": dim(1.0, scale="0-1")}
+    if hostile:
+        out[f"judge {PAYLOADS[0]}"] = dim(3.0, scale=HOSTILE, of=PAYLOADS[1])
+    return out
 
 
 LORA_PATH = [(3.0, 0.0), (2.0, 0.01), (1.5, 0.02), (1.2, 0.05), (1.1, 0.09)]

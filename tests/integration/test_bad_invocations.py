@@ -59,6 +59,19 @@ CASES = [
     ("train-keep-misspelt", "train {d}/ok.yaml checkpoint.keep=frontiers", "did you mean 'frontier'"),
     ("train-keep-frontier-without-probes", "train {d}/ok.yaml checkpoint.keep=frontier probes=[]",
      "keep: frontier needs probes"),
+    # the quality probe's writing dimensions (docs/writing-quality.md)
+    ("train-quality-unknown-dimension",
+     'train {d}/ok.yaml probes=[{"name":"quality","path":"p.jsonl","dimensions":["empaty"]}]',
+     "probes[0].dimensions: unknown writing scorer 'empaty'; did you mean 'empathy'"),
+    ("train-quality-dimension-twice",
+     'train {d}/ok.yaml probes=[{"name":"quality","path":"p.jsonl","dimensions":["safety","safety"]}]',
+     "'safety' is listed twice"),
+    ("train-quality-dimensions-not-a-list", 'train {d}/ok.yaml probes=[{"name":"quality","path":"p.jsonl",'
+     '"dimensions":3}]', "probes[0].dimensions: expected"),
+    ("train-quality-judge-without-model", 'train {d}/ok.yaml probes=[{"name":"quality","path":"p.jsonl",'
+     '"metric":"judge"}]', "probes[0].judge_model: the judge needs a model"),
+    ("train-quality-metric-misspelt", 'train {d}/ok.yaml probes=[{"name":"quality","path":"p.jsonl",'
+     '"metric":"empaty"}]', "did you mean 'empathy'"),
     # train: files
     ("train-missing-config", "train {d}/missing.yaml", "config file not found"),
     ("train-invalid-yaml", "train {d}/bad.yaml", "not valid YAML"),
@@ -260,3 +273,25 @@ def test_a_registry_miss_is_a_user_error_and_a_duplicate_a_bug():
     with pytest.raises(RegistryError, match="already registered") as dup:
         reg.register("knee", 2)
     assert not isinstance(dup.value, SftlabError)
+
+
+def test_a_missing_scorer_library_is_one_line_before_any_model(folder, tmp_path, capsys, monkeypatch):
+    """`sftlab eval RUN --generation` with a quality probe whose dimension needs an absent library: one line that
+    says what to install, before the (missing) model is looked at."""
+    import importlib.util
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"run: {{name: run}}\nmodel: {{path: {folder / 'no-model'}}}\n"
+        f"probes: [{{name: quality, path: {folder / 'train.jsonl'}, dimensions: [readability, empathy]}}]\n",
+        encoding="utf-8")
+    (run / "trajectory.jsonl").write_text(json.dumps({"step": 2, "path": "checkpoints/step-000002"}) + "\n")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vaderSentiment" else real(name, *a))
+    monkeypatch.delenv("SFTLAB_DEBUG", raising=False)
+    code = run_cli(["eval", str(run), "--generation"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code not in (0, None) and len(err) == 1, err
+    assert "empathy needs vaderSentiment (not installed); pip install 'sftlab[quality]'" in err[0]

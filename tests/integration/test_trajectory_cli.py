@@ -12,6 +12,7 @@ import pytest
 from conftest import build_tiny_model, memorisable_chats, task_files, tiny_config
 from sftlab.cli import main
 from sftlab.config import parse_probes
+from sftlab.probes.writing import DIMENSIONS
 from sftlab.runs import Run
 from sftlab.train.loop import Trainer
 
@@ -159,7 +160,9 @@ def test_generation_probes_default_to_base_final_and_frontier(lora_run, tmp_path
     cfg = tiny_config(tmp_path, model_dir, files[0], method={"name": "lora", "r": 4}, run={"name": "gen"},
                       train={"steps": 8, "batch_size": 4, "lr": 1e-2, "threads": 1}, checkpoint={"every": 2})
     cfg.probes = parse_probes(probes(files) + [{"name": "generate", "path": str(files[0]), "limit": 4,
-                                                "max_new_tokens": 4}])
+                                                "max_new_tokens": 4},
+                                               {"name": "quality", "path": str(files[0]), "limit": 4,
+                                                "max_new_tokens": 4, "dimensions": list(DIMENSIONS)}])
     Trainer(cfg).run()
     run_dir = cfg.run_dir
     assert not any("generate" in e["scores"] for e in Run(run_dir).trajectory())  # not during training
@@ -171,3 +174,14 @@ def test_generation_probes_default_to_base_final_and_frontier(lora_run, tmp_path
     assert scored == expected
     sample = next(e for e in Run(run_dir).trajectory() if "generate" in e["scores"])["scores"]["generate"]
     assert sample["extra"]["samples"] and "output" in sample["extra"]["samples"][0]
+    # the writing dimensions ride along: each per generation-scored checkpoint, with CIs, and in the report
+    quality = [e for e in Run(run_dir).trajectory() if "quality" in e["scores"]]
+    assert sorted(e["step"] for e in quality) == expected
+    for e in quality:
+        dims = e["scores"]["quality"]["extra"]["dimensions"]
+        assert set(DIMENSIONS) <= set(dims)
+        assert all(d["ci_low"] <= d["mean"] <= d["ci_high"] for d in dims.values() if d["n"])
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    section = page.split('<section id="writing">')[1].split("</section>")[0]
+    assert all(f"<b>{d}</b>" in section for d in DIMENSIONS) and section.count("<th>step ") == len(expected) - 1

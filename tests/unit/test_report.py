@@ -200,3 +200,20 @@ def test_symlog_axis_for_values_spanning_decades():
         assert v == -float(lab)  # flipped: plotted = minus the shown value
     lin = symlog_axis("acc", [0.1, 0.5, 0.9])
     assert lin.scale == 0 and "log" not in lin.label
+
+
+def test_writing_quality_table_beside_the_plane(tmp_path):
+    """The quality probe's dimensions: one row per dimension (secondaries under theirs), a column per checkpoint,
+    mean [CI] (n), placed right after the plane."""
+    folder = write_run(tmp_path / "r", "r", "lora", LORA_PATH[:3])
+    html = build_html(load(folder))
+    assert html.index('id="plane"') < html.index('id="writing"') < html.index('id="rewind"')
+    section = html.split('<section id="writing">')[1].split("</section>")[0]
+    assert section.count("<tr>") == 1 + 4  # header + readability, grade_level, empathy, safety
+    assert "<th>base</th><th>step 2</th><th>step 4</th>" in section
+    assert "61 [60.9, 61.1] (n=2)" in section and "0.2 [0.1, 0.3] (n=2)" in section
+    assert "grade_level <span class=\"dim\">(readability)</span>" in section and "Flesch reading ease" in section
+    plain = write_run(tmp_path / "p", "p", "lora", LORA_PATH[:2])
+    traj = plain / "trajectory.jsonl"
+    traj.write_text(re.sub(r', "dimensions": \{.*?\}\}\}', "}}", traj.read_text()), encoding="utf-8")
+    assert '<section id="writing">' not in build_html(load(plain))  # no dimensions, no section

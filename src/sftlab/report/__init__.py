@@ -7,6 +7,7 @@ run made elsewhere renders in well under a second. Layout:
   sections.py  the section registry (how to add one is documented there) + overview, tables, loss curves
   plane.py     task-vs-retention plane (one `data-point` per scored checkpoint) + rewinding recommendation
   samples.py   sample generations per checkpoint
+  writing.py   the quality probe's writing dimensions per checkpoint (a table beside the plane)
   geometry.py  plots of RUN/analysis/*.json (`sftlab analyze`): spectra, drift per layer and step
   svg.py       inline SVG charts; escape.py  escaping for HTML and embedded JSON; page.py  the page shell
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import geometry, plane, samples, sections  # noqa: F401  (importing registers their sections)
+from . import geometry, plane, samples, sections, writing  # noqa: F401  (importing registers their sections)
 from .load import ReportData, load
 from .page import build_html
 from .sections import SECTIONS, register_section
