@@ -322,7 +322,8 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), print_fn=print) ->
         if done:
             raise _changed(folder, stage, by_name, done, rec)
         if rec is not None:
-            print_fn(f"sftlab: stage {stage.name}: starts from {rec['from']} step {rec['step']} ({rec['reason']})")
+            where = f"step {rec['step']}" if rec["step"] else "its starting model (step 0)"
+            print_fn(f"sftlab: stage {stage.name}: starts from {rec['from']} {where} ({rec['reason']})")
         # a folder without config.yaml: a stage killed before its first write (e.g. while it computed the DPO
         # reference); resuming it starts over, after the stale-lock check
         resume = run_dir.is_dir() and any(run_dir.iterdir())
@@ -336,7 +337,9 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), print_fn=print) ->
         entry.update({k: v for k, v in (("start", rec), ("selected", _own_selection(run_dir, cfg))) if v})
         state[stage.name] = entry
         _write_state(folder, state)
-    final = state.get(stages[-1].name, {}).get("selected") or {}
+    final, name = state.get(stages[-1].name, {}).get("selected") or {}, stages[-1].name
     if "step" in final:
-        print_fn(f"sftlab: the last stage's select: rule picks {stages[-1].name} step {final['step']} ({final['rule']})")
+        what = (f"step {final['step']} (to export it: sftlab rewind {folder / name} -o OUT)" if final["step"]
+                else "its starting model (step 0: no checkpoint beat it)")
+        print_fn(f"sftlab: the last stage's {final['rule']} picks {name} {what}")
     return folder
