@@ -259,8 +259,8 @@ def test_sigkill_between_pipeline_stages_and_in_the_dpo_reference_cache(chain, z
     cfg = pipeline_config(tmp, model_dir, "pipe")
     folder, env = tmp / "pipe", {"SFTLAB_CACHE": str(tmp / "cache-pipe")}  # its own cache: it computes the reference
     zygote.killed_at(["pipeline", str(cfg)], tmp / "pipe-1.log", "pipeline_stage", 1, env=env)
-    assert "sft" not in json.loads((folder / "pipeline_state.json").read_text() if
-                                   (folder / "pipeline_state.json").exists() else "{}")
+    assert "sft" not in json.loads((folder / "pipeline.json").read_text() if
+                                   (folder / "pipeline.json").exists() else "{}")
     # the DPO stage computes its reference log-probs once and caches them: killed mid-write, the torn temp
     # file is never read as the cache (the two pipelines share the key: the same start point and pairs)
     log = zygote.killed_at(["pipeline", str(cfg)], tmp / "pipe-2.log", "dpo_reference", None, env=env)
