@@ -219,7 +219,6 @@ def _write_state(folder: Path, state: dict) -> None:
     os.replace(tmp, folder / STATE)
 
 
-
 def select_in(run_dir: Path, cfg) -> dict:
     """The checkpoint a finished stage's `select:` rule picks on its trajectory (what `sftlab rewind` without
     --policy picks): {step, checkpoint, sha256, rule, reason}; step 0 is the stage's starting model."""
@@ -271,9 +270,10 @@ def resolve_start(folder: Path, stage: Stage, source_cfg) -> tuple[str, dict]:
     if start is None:
         rec["reason"] += f" Stage {stage.name} therefore starts from the base model, as {src.stage} did."
         return "", rec
-    rec.update(checkpoint=None, sha256=start.entry["sha256"], starts_at={"run": str(start.run.dir), "step": start.step})
-    rec["reason"] += f" Stage {stage.name} therefore starts where {src.stage} started: {start.run.dir} step {start.step}."
-    return f"{start.run.dir}:{start.step}", rec
+    where = os.path.normpath(start.run.dir)  # found through provenance's run_rel: PIPELINE/dpo_a/../sft
+    rec.update(checkpoint=None, sha256=start.entry["sha256"], starts_at={"run": where, "step": start.step})
+    rec["reason"] += f" Stage {stage.name} therefore starts where {src.stage} started: {where} step {start.step}."
+    return f"{where}:{start.step}", rec
 
 
 def _own_selection(run_dir: Path, cfg) -> dict | None:
@@ -322,8 +322,8 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), print_fn=print) ->
         if done:
             raise _changed(folder, stage, by_name, done, rec)
         if rec is not None:
-            where = f"step {rec['step']}" if rec["step"] else "its starting model (step 0)"
-            print_fn(f"sftlab: stage {stage.name}: starts from {rec['from']} {where} ({rec['reason']})")
+            where = f"{rec['from']} step {rec['step']}" if rec["step"] else f"{rec['from']}'s starting model (step 0)"
+            print_fn(f"sftlab: stage {stage.name}: starts from {where} ({rec['reason']})")
         # a folder without config.yaml: a stage killed before its first write (e.g. while it computed the DPO
         # reference); resuming it starts over, after the stale-lock check
         resume = run_dir.is_dir() and any(run_dir.iterdir())

@@ -162,7 +162,8 @@ def test_when_the_rule_keeps_the_start_the_next_stage_starts_where_that_stage_st
     init, rec = resolved(tmp_path, [stage("sft"), stage("a", "sft")], "a")
     assert init == "" and rec["step"] == 0 and "starts from the base model" in rec["reason"]  # sft started there
     sft = fake_stage(tmp_path / "pipe", "sft2")
-    fake_stage(tmp_path / "pipe", "a2", path=FLAT, start={"run": str(sft), "step": 4, "sha256": sha(sft, 4)})
+    fake_stage(tmp_path / "pipe", "a2", path=FLAT, start={"run": "/moved/elsewhere", "run_rel": "../sft2", "step": 4,
+                                                          "sha256": sha(sft, 4)})  # found through run_rel
     init, rec = resolved(tmp_path, [stage("sft2"), stage("a2", "sft2"), stage("b2", "a2")], "b2")
     assert init == f"{sft}:4" and rec["step"] == 0 and rec["sha256"] == sha(sft, 4)
     assert rec["starts_at"] == {"run": str(sft), "step": 4}
