@@ -167,3 +167,18 @@ def test_when_the_rule_keeps_the_start_the_next_stage_starts_where_that_stage_st
     init, rec = resolved(tmp_path, [stage("sft2"), stage("a2", "sft2"), stage("b2", "a2")], "b2")
     assert init == f"{sft}:4" and rec["step"] == 0 and rec["sha256"] == sha(sft, 4)
     assert rec["starts_at"] == {"run": str(sft), "step": 4}
+
+
+def test_a_stage_finished_from_the_last_checkpoint_is_told_how_to_keep_it(tmp_path):
+    """Before multi-round pipelines `from: sft` meant sft's last checkpoint; a stage finished that way is not
+    retrained silently from the selected one: the error names from: sft@last."""
+    from sftlab.pipeline import _changed
+
+    fake_stage(tmp_path / "pipe", "sft")
+    folder, stages, configs = plan(write_pipeline(tmp_path, [stage("sft"), stage("dpo", "sft")]))
+    by = {s.name: s for s in stages}
+    _, rec = resolve_start(folder, by["dpo"], configs["sft"])
+    old = {"config_hash": stage_config(folder, by["dpo"], by).hash()}  # init_from: PIPELINE/sft, its last
+    assert "from: sft now means the checkpoint its select: rule picks (step 4). Write from: sft@last" in \
+        str(_changed(folder, by["dpo"], by, old, rec))
+    assert "finished earlier with another config" in str(_changed(folder, by["dpo"], by, {"config_hash": "x"}, rec))
