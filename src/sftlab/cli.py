@@ -376,11 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_rule_arguments(pr)
     pr.set_defaults(fn=cmd_pairs)
 
-    pl = sub.add_parser("pipeline", help="run stages (SFT, then DPO from it) as run directories; rerun to resume",
+    pl = sub.add_parser("pipeline", help="run stages (SFT, then rounds of DPO) as run directories; rerun to resume",
                         description="Each stage is PIPELINE/<name>, trained like `sftlab train`; a stage with "
-                        "'from: NAME' starts from that stage's checkpoint. A rerun skips finished stages and "
+                        "'from: NAME' starts from the checkpoint NAME's select: rule picks (its last when NAME has "
+                        "no probes; NAME@last, NAME:STEP), and a DPO stage's reference is that model. "
+                        "PIPELINE/pipeline.json says which checkpoint and why. A rerun skips finished stages and "
                         "resumes a started one.")
-    pl.add_argument("config", help="pipeline YAML (output_dir, stages: [{name, config, from}])")
+    pl.add_argument("config", help="pipeline YAML (output_dir, stages: [{name, config, from}]); from: NAME, "
+                                   "NAME@selected, NAME@last or NAME:STEP")
     pl.add_argument("overrides", nargs="*", help="STAGE.key.path=value overrides, e.g. sft.train.steps=20")
     pl.set_defaults(fn=cmd_pipeline)
 

@@ -32,7 +32,7 @@ POINTS = {
     "resume_swap": "between the two renames that replace the resume state (the old one is .old-resume)",
     "export": "half of an exported folder's weights file is on disk (sftlab export)",
     "rewind_export": "half of an exported folder's weights file is on disk (an export at a rewind alpha)",
-    "pipeline_stage": "a pipeline stage finished training; pipeline_state.json does not record it yet",
+    "pipeline_stage": "a pipeline stage finished training; pipeline.json does not record it yet",
     "prune_line": "checkpoint.keep: frontier wrote a pruned line; the dominated checkpoint's folder is still there",
     "prune_delete": "checkpoint.keep: frontier is half-way through deleting a dominated checkpoint's folder",
     "dpo_reference": "half of the DPO reference cache file is on disk (its temp file)",

@@ -183,7 +183,8 @@ class StartPoint:
 
         return {"run": str(self.run.dir.resolve()), "run_rel": os.path.relpath(self.run.dir.resolve(),
                                                                                 Path(run_dir).resolve()),
-                "step": self.step, "sha256": self.entry["sha256"], "method": self.run.method.name,
+                "step": self.step, "checkpoint": self.entry["path"], "sha256": self.entry["sha256"],
+                "method": self.run.method.name,
                 "base_model": self.run.provenance.get("base_model")}
 
     def base_ref(self) -> ModelRef:

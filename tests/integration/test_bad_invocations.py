@@ -143,6 +143,17 @@ CASES = [
     ("pipeline-folder-as-file", "pipeline {d}/empty", "a folder"),
     ("pipeline-unknown-stage", "pipeline {d}/pipeline.yaml dpo.train.lr=1", "with a stage of ['sft']"),
     ("pipeline-override-into-a-number", "pipeline {d}/pipeline.yaml sft.train.lr.x=1", "train.lr is a number"),
+    # pipeline: which checkpoint a stage starts from (`from`, docs/dpo.md)
+    ("pipeline-from-unknown-suffix", "pipeline {d}/from-best.yaml", "after @ write selected or last"),
+    ("pipeline-from-step-not-a-number", "pipeline {d}/from-x.yaml", "STEP must be a checkpoint's step"),
+    ("pipeline-from-step-zero", "pipeline {d}/from-0.yaml", "STEP must be a checkpoint's step"),
+    ("pipeline-from-itself", "pipeline {d}/from-dpo.yaml", "must name an earlier stage (sft)"),
+    ("pipeline-from-not-a-string", "pipeline {d}/from-list.yaml", "stages[1].from: expected NAME"),
+    ("pipeline-selected-without-probes", "pipeline {d}/from-selected.yaml", "sft has no probes to score it"),
+    ("pipeline-select-rule-without-probes", "pipeline {d}/from-sft.yaml sft.select.max_kl=0.1", "or write from: sft@last"),
+    ("pipeline-select-from-offline-scores",
+     "pipeline {d}/from-sft.yaml sft.probes=[kl_to_base] sft.scoring.during_training=false",
+     "sets scoring.during_training: false"),
     ("arena-missing-file", "arena {d}/missing.yaml", "arena config file not found"),
     ("arena-run-config-as-arena", "arena {d}/ok.yaml --plan", "arena config has no method section"),
     ("arena-invalid-yaml", "arena {d}/bad.yaml --plan", "not valid YAML"),
@@ -206,6 +217,12 @@ def folder(tmp_path_factory):
     (d / "pipeline.yaml").write_text(
         f"output_dir: {d / 'pipe'}\nstages:\n  - name: sft\n    config: {{run: {{name: a}}, train: {{lr: 1.0e-4}}, "
         f"model: {{path: {d / 'no-model'}}}}}\n", encoding="utf-8")
+    for name, source in (("best", "sft@best"), ("x", "sft:x"), ("0", "sft:0"), ("dpo", "dpo"), ("list", "[sft]"),
+                         ("selected", "sft@selected"), ("sft", "sft")):  # sft has no probes
+        (d / f"from-{name}.yaml").write_text(
+            f"output_dir: {d / 'pipe'}\nstages:\n  - name: sft\n    config: {{model: {{path: {d / 'no-model'}}}, "
+            f"data: {{train: [{{path: {d / 'train.jsonl'}}}]}}}}\n  - name: dpo\n    from: {source}\n    config: "
+            f"{{objective: {{name: dpo}}, data: {{train: [{{path: {d / 'train.jsonl'}}}]}}}}\n", encoding="utf-8")
     run = d / "run"
     (run / "checkpoints" / "step-000002").mkdir(parents=True)
     (run / "config.yaml").write_text(f"run: {{name: run}}\nmodel: {{path: {d / 'no-model'}}}\n", encoding="utf-8")

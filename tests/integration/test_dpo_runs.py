@@ -57,7 +57,8 @@ def setup(tmp_path_factory):
            "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "threads": 1}}
     pipe = tmp / "pipeline.yaml"
     pipe.write_text(yaml.safe_dump({"output_dir": str(tmp / "pipe"), "stages": [
-        {"name": "sft", "config": sft}, {"name": "dpo", "from": "sft", "config": dpo}]}))
+        {"name": "sft", "config": sft}, {"name": "dpo", "from": "sft@last", "config": dpo}]}))  # the last, not the
+    # selected checkpoint (sft has probes): the tests below compare with runs started from it
     return tmp, pipe, dpo
 
 
@@ -69,12 +70,12 @@ def pipeline_run(setup):
 
     real = loop.train
 
-    def crashing(cfg, resume=False, hooks=None):
+    def crashing(cfg, resume=False, hooks=None, provenance=None):
         def after_step(trainer, step, metrics):
             if cfg.run.name == "dpo" and step == 3:
                 raise Crash("killed")
 
-        return loop.Trainer(cfg, resume, {"after_step": after_step}).run()
+        return loop.Trainer(cfg, resume, {"after_step": after_step}, provenance).run()
 
     loop.train = crashing
     try:

@@ -30,11 +30,10 @@ def test_example_config_loads(path):
 
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if "stages" in raw:  # a pipeline: every stage's run config validates
-        from sftlab.pipeline import read_pipeline, stage_config
+        from sftlab.pipeline import plan
 
-        folder, stages = read_pipeline(path)
-        by_name = {s.name: s for s in stages}
-        assert all(stage_config(folder, s, by_name).method.name in METHODS for s in stages)
+        folder, stages, configs = plan(path)  # every stage, and each `from` against its source's probes
+        assert all(c.method.name in METHODS for c in configs.values())
     elif "study" in raw:  # a study: each (model, task) arena config validates
         from sftlab.study.config import load_study, plan
 

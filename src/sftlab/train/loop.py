@@ -146,8 +146,10 @@ class Trainer:
     """Holds the state of one run; `run()` is the loop. Every attribute is declared here; setup() fills those
     that need the model and data (None before it)."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, hooks: Hooks | dict | None = None):
+    def __init__(self, cfg: RunConfig, resume: bool = False, hooks: Hooks | dict | None = None,
+                 provenance: dict | None = None):
         self.cfg, self.resume, self.hooks = cfg, resume, Hooks.of(hooks)
+        self.provenance = dict(provenance or {})  # extra provenance.json keys from the caller (a pipeline's choice)
         self.run_dir: Path = cfg.run_dir
         self.dist: Dist = init_distributed()
         self.method = METHODS.get(cfg.method.name)
@@ -293,7 +295,7 @@ class Trainer:
             write_config(self.run_dir, self.cfg)
             if self.cfg.model.new_tokens:
                 tokens.save_tokenizer(self.run_dir, self.tokenizer)
-            extra = {"start": self.start.info(self.run_dir)} if self.start is not None else {}
+            extra = {**self.provenance, **({"start": self.start.info(self.run_dir)} if self.start is not None else {})}
             if self.remedies:
                 extra["remedies"] = {name: r.provenance() for name, r in self.remedies}
             write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), {**self.params, **extra})
@@ -506,5 +508,6 @@ class _null:
         return False
 
 
-def train(cfg: RunConfig, resume: bool = False, hooks: Hooks | dict | None = None) -> Path:
-    return Trainer(cfg, resume, hooks).run()
+def train(cfg: RunConfig, resume: bool = False, hooks: Hooks | dict | None = None,
+          provenance: dict | None = None) -> Path:
+    return Trainer(cfg, resume, hooks, provenance).run()
