@@ -44,6 +44,12 @@ def pad_batch(examples: list[Example], pad_id: int, length: int = 0, vision=None
              "n_tokens": int(mask.sum())}
     if vision is not None and any(e.images for e in examples):
         batch["vision"] = vision([e.images or [] for e in examples], [e.source for e in examples])
+        for key in sorted({k for e in examples for k in (e.token_inputs or {})}):  # (B, L), 0 where absent
+            extra = torch.zeros((len(examples), L), dtype=torch.long)
+            for i, e in enumerate(examples):
+                if key in (e.token_inputs or {}):
+                    extra[i, :len(e.input_ids)] = torch.tensor(e.token_inputs[key])
+            batch["vision"][key] = extra
     return batch
 
 

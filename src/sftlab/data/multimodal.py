@@ -90,10 +90,18 @@ def _occurrences(text: str, sub: str) -> list[tuple[int, int]]:
     return out
 
 
-def _ids(processor, text: str, images: list | None) -> list[int]:
+def _ids(processor, text: str, images: list | None) -> tuple[list[int], dict[str, list[int]]]:
+    """The processor's ids for one row, and the other per-token arrays it returns for the model (Qwen2-VL's
+    mm_token_type_ids, which its multimodal rotary positions need)."""
     kw = {"images": [images]} if images else {}
-    out = processor(text=[text], add_special_tokens=False, **kw)["input_ids"][0]
-    return [int(t) for t in out]
+    out = processor(text=[text], add_special_tokens=False, **kw)
+    wanted = set(getattr(processor, "model_input_names", ())) - {"input_ids", "attention_mask"}
+    extra = {k: [int(t) for t in out[k][0]] for k in out if k in wanted and _per_token(out[k], out["input_ids"])}
+    return [int(t) for t in out["input_ids"][0]], extra
+
+
+def _per_token(value, ids) -> bool:
+    return len(value) == 1 and hasattr(value[0], "__len__") and len(value[0]) == len(ids[0])
 
 
 def tokenize_multimodal(processor, rec: Record, cfg, max_pixels: int) -> Example:
@@ -124,17 +132,18 @@ def tokenize_multimodal(processor, rec: Record, cfg, max_pixels: int) -> Example
                         f"for {len(refs)} image(s); remove the literal token from the text")
     out_ids, out_labels, prev = [], [], 0
     for j, im in zip(at, pil):
-        expansion = _ids(processor, processor.image_token, [im])  # this image's tokens, never trained
+        expansion, _ = _ids(processor, processor.image_token, [im])  # this image's tokens, never trained
         out_ids += ids[prev:j] + expansion
         out_labels += labels[prev:j] + [IGNORE] * len(expansion)
         prev = j + 1
     out_ids += ids[prev:]
     out_labels += labels[prev:]
-    if out_ids != _ids(processor, text, pil):
+    full, extra = _ids(processor, text, pil)
+    if out_ids != full:
         raise ModelError(f"{rec.source}: the processor ({type(processor).__name__}) expands image placeholders "
                          "differently inside the conversation than alone, so sftlab cannot place the labels; report "
                          "the model type to sftlab")
-    return Example(out_ids, out_labels, rec.source, images=refs)
+    return Example(out_ids, out_labels, rec.source, images=refs, token_inputs=extra or None)
 
 
 def encoder(processor, cfg, max_pixels: int):

@@ -28,6 +28,8 @@ class Example:
     labels: list[int]  # IGNORE where the loss does not apply
     source: str
     images: list | None = None  # images.ImageRef of the row's images (vision-language models; multimodal.py)
+    # other per-token model inputs the processor made for a row with images ({name: ids}, 0 where absent)
+    token_inputs: dict | None = None
 
     @property
     def n_trained(self) -> int:
