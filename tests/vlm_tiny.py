@@ -65,38 +65,57 @@ def _tokenizer(extra: list[str]):
     return tok
 
 
-def _llava(tok):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def _llava_processor(tok):
+    from transformers import LlavaProcessor
 
-    image = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=16, patch_size=8, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(vocab_size=len(tok), **TEXT),
-                      image_token_index=image, vision_feature_select_strategy="full", vision_feature_layer=-1)
-    proc = LlavaProcessor(image_processor=image_processor("CLIPImageProcessor", size={"shortest_edge": 16},
+    # 16-pixel images in 8-pixel patches, plus CLIP's class token: 5 <image> tokens per image
+    return LlavaProcessor(image_processor=image_processor("CLIPImageProcessor", size={"shortest_edge": 16},
                                                           crop_size={"height": 16, "width": 16}),
                           tokenizer=tok, patch_size=8, vision_feature_select_strategy="full",
                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
-    return LlavaForConditionalGeneration(cfg), proc
+
+
+def _llava(tok):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=32)
+    cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(vocab_size=len(tok), **TEXT),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="full",
+                      vision_feature_layer=-1)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def _idefics3_processor(tok):
+    from transformers import Idefics3Processor
+
+    # 16-pixel tiles of (16/4)^2 patches, pixel-shuffled by 2: 4 <image> tokens per tile; images up to 32
+    # pixels a side are split into up to 2 x 2 tiles plus the global view
+    ip = image_processor("Idefics3ImageProcessor", size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+    return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
 
 
 def _idefics3(tok):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
-                              Idefics3VisionConfig, LlamaConfig)
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
 
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=16, patch_size=4)
     cfg = Idefics3Config(vision_config=vision, text_config=LlamaConfig(vocab_size=len(tok), **TEXT), scale_factor=2,
                          image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
-    # 16-pixel tiles of (16/4)^2 patches, pixel-shuffled by 2: 4 <image> tokens per tile; images up to 32
-    # pixels a side are split into up to 2 x 2 tiles plus the global view
-    ip = image_processor("Idefics3ImageProcessor", size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
-    return Idefics3ForConditionalGeneration(cfg), proc
+    return Idefics3ForConditionalGeneration(cfg)
+
+
+def _qwen2_vl_processor(tok):
+    from transformers import Qwen2VLProcessor
+
+    # 4-pixel patches merged 2 x 2: a 16 x 16 image is 16 patches and 4 <|image_pad|> tokens; sizes vary per image
+    ip = image_processor("Qwen2VLImageProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
+                         min_pixels=8 * 8, max_pixels=32 * 32)
+    return image_only(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok, chat_template=QWEN2_VL_TEMPLATE)
 
 
 def _qwen2_vl(tok):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
                                                          ("vision_start_token_id", "<|vision_start|>"),
@@ -105,27 +124,40 @@ def _qwen2_vl(tok):
     cfg = Qwen2VLConfig(text_config=text, vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64,
                                                          "num_heads": 2, "patch_size": 4, "spatial_merge_size": 2},
                         **ids)
-    # 4-pixel patches merged 2 x 2: a 16 x 16 image is 16 patches and 4 <|image_pad|> tokens; sizes vary per image
-    ip = image_processor("Qwen2VLImageProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
-                         min_pixels=8 * 8, max_pixels=32 * 32)
-    return Qwen2VLForConditionalGeneration(cfg), image_only(Qwen2VLProcessor)(image_processor=ip, tokenizer=tok,
-                                                                              chat_template=QWEN2_VL_TEMPLATE)
+    return Qwen2VLForConditionalGeneration(cfg)
 
 
 EXTRA_TOKENS = {"llava": ["<image>"],
                 "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
                 "qwen2_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]}
-BUILDERS = {"llava": _llava, "idefics3": _idefics3, "qwen2_vl": _qwen2_vl}
+MODELS = {"llava": _llava, "idefics3": _idefics3, "qwen2_vl": _qwen2_vl}
+PROCESSORS = {"llava": _llava_processor, "idefics3": _idefics3_processor, "qwen2_vl": _qwen2_vl_processor}
+
+
+def tiny_processor(family: str):
+    """The family's processor (tokenizer with its image tokens, image processor, chat template), no model."""
+    return PROCESSORS[family](_tokenizer(EXTRA_TOKENS[family]))
 
 
 def build_tiny_vlm(family: str, folder: Path, seed: int = 0) -> Path:
     """A tiny random VLM of `family` with its processor, saved to `folder` (safetensors)."""
     import torch
 
-    tok = _tokenizer(EXTRA_TOKENS[family])
+    proc = tiny_processor(family)
     torch.manual_seed(seed)
-    model, proc = BUILDERS[family](tok)
+    model = MODELS[family](proc.tokenizer)
     model.save_pretrained(str(folder), safe_serialization=True)
     proc.save_pretrained(str(folder))
     return Path(folder)
+
+
+def write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A random RGB PNG of the given size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8")).save(path)
+    return path

@@ -232,7 +232,7 @@ def image_size(ref: ImageRef, place: str, index: int) -> tuple[int, int]:
 def _check_size(ref: ImageRef, size: tuple[int, int], place: str, index: int, max_pixels: int) -> None:
     w, h = size
     if max_pixels and w * h > max_pixels:
-        raise DataError(f"{place}: {ref.describe(index)} is {w}x{h} = {w * h / 1e6:.1f}M pixels, above "
+        raise DataError(f"{place}: {ref.describe(index)} is {w}x{h} = {w * h:,} pixels, above "
                         f"vision.max_image_pixels={max_pixels}; downscale the image or raise the limit")
 
 
