@@ -147,3 +147,29 @@ def test_inspect_reports_images_and_refusals(tmp_path, vlm_dirs, image_data, cap
         assert main(["train", str(cfg), override, f"run.output_dir={tmp_path}/runs"]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_arena_budgets_count_what_trains(tmp_path, vlm_dirs, image_data):
+    """An arena on a VLM sizes its adapters on the language model, which is what trains by default (the count
+    equals the trainable parameters of the model the trainer builds); other parts are not counted yet, so an
+    arena that trains them is refused in one line rather than sized wrongly."""
+    import yaml
+
+    from conftest import arena_config
+    from sftlab.arena import load_arena, plan_trials
+    from sftlab.train.loop import Trainer
+
+    path = arena_config(tmp_path, vlm_dirs["llava"], methods=["lora"], lrs={"lora": [1e-3]},
+                        data={"train": [{"path": str(image_data)}], "max_length": 256})
+    arena, base = load_arena(path)
+    (trial,) = plan_trials(arena, base)
+    assert not trial.refused and abs(trial.trainable - 4000) / 4000 <= 0.10
+    trainer = Trainer(trial.cfg)
+    trainer.setup()
+    assert trainer.params["trainable_params"] == trial.trainable
+    cfg = yaml.safe_load(path.read_text())
+    cfg["vision"] = {"train": ["language", "vision"]}
+    path.write_text(yaml.safe_dump(cfg))
+    arena, base = load_arena(path)
+    (trial,) = plan_trials(arena, base)
+    assert trial.refused and "counts the language model only" in trial.note

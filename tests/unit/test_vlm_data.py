@@ -251,3 +251,19 @@ def test_batches_of_different_image_counts_and_sizes(tmp_path, processors, famil
         assert n_image_tokens[1] == 0 and not vision["pixel_attention_mask"][1].any()
     assert texts[1].count(proc.image_token) == 0
     json.dumps(batch["n_tokens"])  # plain int
+
+
+def test_datasets_images(tmp_path):
+    """A `datasets` image column holds decoded images, or {"bytes", "path"} entries (its Image feature)."""
+    from PIL import Image
+
+    from sftlab.data.images import to_ref
+
+    png = write_image(tmp_path / "a.png", 6, 4).read_bytes()
+    ref = to_ref({"bytes": png, "path": "a.png"}, tmp_path, "ds[train]:row 0", 0)
+    assert ref.kind == "bytes" and open_image(ref, "ds[train]:row 0", 0).size == (6, 4)
+    decoded = Image.new("RGBA", (5, 3))
+    ref = to_ref(decoded, tmp_path, "ds[train]:row 1", 0)
+    assert ref.kind == "pil" and open_image(ref, "ds[train]:row 1", 0).mode == "RGB"
+    with pytest.raises(DataError, match=r"ds\[train\]:row 1: image 1 \(decoded image\) is 5x3 = 15 pixels"):
+        open_image(ref, "ds[train]:row 1", 0, max_pixels=10)
