@@ -228,12 +228,8 @@ class Trainer:
         if self.dpo and cfg.objective.reference == "cached":
             dpo.attach_reference(self, model)  # the reference is the starting model: score it before the method
         kw = tokens.method_kwargs(self.token_plan) if self.token_plan and self.method.peft else {}
-        if self.processor is not None:
-            vision.before_method(model, cfg)  # which parts train (vision.train): adapters go on their linears
-        model = self.method.apply(model, cfg.method.options, **kw)
-        if self.processor is not None:
-            vision.after_method(model, cfg, self.method)
-            self.vision_batch = vision.batch_maker(self.processor, cfg)
+        model = vision.apply_method(self.method, model, cfg, self.processor, **kw)  # a VLM: on vision.train's parts
+        self.vision_batch = vision.batch_maker(self.processor, cfg)
         if self.token_plan is not None:
             tokens.freeze_rows(model, self.token_plan, cfg.model, self.method.peft)
         if not cfg.quantization.enabled:  # bitsandbytes placed a quantized base on the device when loading

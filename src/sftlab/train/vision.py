@@ -36,18 +36,19 @@ def load(cfg, ref, method) -> object | None:
     return load_processor(ref, cfg.model.trust_remote_code, cfg.model.revision)
 
 
-def before_method(model, cfg) -> None:
-    """Say which parts train, before the method wraps the model (adapters go on those parts' linears)."""
+def apply_method(method, model, cfg, processor, **kw):
+    """The method applied to the model; on a VLM (`processor` set) only the parts in vision.train train: adapters go
+    on their linears (vlm_parts.select, read by scope_exclude), full fine-tuning freezes the other parts."""
+    if processor is None:
+        return method.apply(model, cfg.method.options, **kw)
     if not vlm_parts.is_vlm(model):
         raise ModelError(f"model.path: {cfg.model.path} loaded as {type(model).__name__}, whose language model "
                          "sftlab cannot find; use a transformers image-text-to-text model")
     vlm_parts.select(model, cfg.vision.train)
-
-
-def after_method(model, cfg, method) -> None:
-    """Full fine-tuning: freeze the parts not in vision.train (adapter methods adapt only those parts)."""
+    model = method.apply(model, cfg.method.options, **kw)
     if not method.peft:
         vlm_parts.freeze_outside(model, cfg.vision.train)
+    return model
 
 
 def provenance(model, cfg, processor) -> dict:
@@ -58,5 +59,5 @@ def provenance(model, cfg, processor) -> dict:
 
 
 def batch_maker(processor, cfg):
-    """collate's `vision`: a batch's image tensors from its rows' images."""
-    return partial(vision_batch, processor, max_pixels=cfg.vision.max_image_pixels)
+    """collate's `vision`: a batch's image tensors from its rows' images (None for a text model)."""
+    return partial(vision_batch, processor, max_pixels=cfg.vision.max_image_pixels) if processor is not None else None
