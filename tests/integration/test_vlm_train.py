@@ -173,3 +173,16 @@ def test_arena_budgets_count_what_trains(tmp_path, vlm_dirs, image_data):
     arena, base = load_arena(path)
     (trial,) = plan_trials(arena, base)
     assert trial.refused and "counts the language model only" in trial.note
+
+
+def test_text_model_refuses_the_vision_section(tmp_path, tiny_model_dir, image_data):
+    from sftlab.errors import DataError, ModelError
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "ok"}]}] * 4)
+    cfg = tiny_config(tmp_path, tiny_model_dir, chats, vision={"train": ["vision"]})
+    with pytest.raises(ModelError, match="is a text-only model; the vision section applies to vision-language"):
+        train(cfg)
+    cfg = tiny_config(tmp_path, tiny_model_dir, image_data, run={"name": "r2"})
+    with pytest.raises(DataError, match=r"train.jsonl:1: this row has images but the model is a text-only model"):
+        train(cfg)
