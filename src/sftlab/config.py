@@ -17,6 +17,7 @@ import yaml
 
 from .configtools import ConfigError, apply_overrides, check, describe, doc, from_dict, to_dict
 from .config_scale import DistributedSection, QuantizationSection
+from .config_vision import VisionSection
 from .registry import METHODS, PROBES, REMEDIES, RegistryError
 
 
@@ -308,6 +309,8 @@ class RunConfig:
                                             default_factory=QuantizationSection)
     method: MethodSection = doc("the fine-tuning method and its options", default_factory=MethodSection)
     data: DataSection = doc("training and eval data", default_factory=DataSection)
+    vision: VisionSection = doc("vision-language models: what trains, image limits (docs/multimodal.md)",
+                                default_factory=VisionSection)
     train: TrainSection = doc("optimisation", default_factory=TrainSection)
     objective: ObjectiveSection = doc("training objective (sft, or dpo with its variant)",
                                       default_factory=ObjectiveSection)
@@ -339,6 +342,8 @@ class RunConfig:
         d = {k: v for k, v in self.to_dict().items() if k != "select"}
         if not d["remedies"]:  # configs written before remedies existed keep their hash
             del d["remedies"]
+        if self.vision.is_default():  # and those written before the vision section existed
+            del d["vision"]
         for k in ("keep", "disk_budget_mb"):  # what is kept on disk, not what trained
             d["checkpoint"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -162,12 +162,77 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False, revision: str
         if "trust_remote_code" not in str(e):
             raise
         raise ModelError(_remote_code_message(ref)) from None
+    return _setup_tokenizer(tok)
+
+
+def _setup_tokenizer(tok):
     if tok.pad_token is None:
         # Padding positions never carry labels (the collator masks by length, not by id),
         # so reusing EOS as pad is safe.
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def is_vision_language(location: str) -> bool:
+    """True when the folder holds a vision-language model transformers loads as image-text-to-text (LLaVA,
+    Idefics3/SmolVLM, Qwen2-VL, ...): its config has a vision_config and its type is in that auto mapping."""
+    cfg = _read_json(Path(location) / "config.json")
+    if "vision_config" not in cfg:
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return cfg.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def image_only_processor(cls):
+    """`cls` (a processor class) without its video processor. transformers builds video processors with
+    torchvision only, and sftlab trains on images: the same class, so the same placeholder expansion and the
+    same saved processor_class, with the image processor and tokenizer alone."""
+    attrs = [a for a in cls.get_attributes() if a != "video_processor"]
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: list(attrs)),
+                                       "__module__": cls.__module__})
+
+
+def load_processor(ref: ModelRef, trust_remote_code: bool = False, revision: str = ""):
+    """The processor (image processor + tokenizer + chat template) of a vision-language model folder, with the
+    tokenizer set up as load_tokenizer does (pad token, right padding)."""
+    from transformers import AutoProcessor
+
+    kw = {"trust_remote_code": trust_remote_code, "revision": revision or None}
+    try:
+        try:
+            proc = AutoProcessor.from_pretrained(ref.location, **kw)
+        except (ImportError, AttributeError, OSError, TypeError, ValueError) as e:
+            if "video" not in f"{type(e).__name__}: {e}".lower() and "torchvision" not in str(e).lower():
+                raise
+            proc = _image_only(ref.location, kw)
+    except OSError as e:
+        raise ModelError(f"model.path: cannot load a processor from {ref.location} ({_first_line(e)}); a "
+                         "vision-language model folder needs its processor files (processor.save_pretrained)") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(_remote_code_message(ref)) from None
+    if getattr(proc, "image_processor", None) is None or getattr(proc, "tokenizer", None) is None:
+        raise ModelError(f"model.path: the processor of {ref.location} ({type(proc).__name__}) has no image "
+                         "processor or tokenizer; sftlab trains vision-language models whose processor has both")
+    _setup_tokenizer(proc.tokenizer)
+    return proc
+
+
+def _image_only(location: str, kw: dict):
+    """The folder's processor class, built without its video processor (see image_only_processor)."""
+    import transformers
+
+    cfg = {**_read_json(Path(location) / "preprocessor_config.json"),
+           **_read_json(Path(location) / "tokenizer_config.json"), **_read_json(Path(location) / "processor_config.json")}
+    cls = getattr(transformers, str(cfg.get("processor_class", "")), None)
+    if cls is None:
+        raise ModelError(f"model.path: cannot build the processor of {location} without its video processor "
+                         "(torchvision is not installed); pip install torchvision, or save the processor with "
+                         "processor_class set")
+    return image_only_processor(cls).from_pretrained(location, **kw)
 
 
 def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = False,
@@ -177,8 +242,9 @@ def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = 
     quantized by bitsandbytes on `device`, and with `dequantize` turned back into plain layers holding
     dequant(quant(W)): W0 of a quantized run (quantize.py)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if is_vision_language(ref.location) else AutoModelForCausalLM
     extra = {}
     if quant is not None and quant.enabled:
         from . import quantize
@@ -190,7 +256,7 @@ def load_model(ref: ModelRef, dtype: str = "float32", trust_remote_code: bool = 
 
         quantize.hide_bitsandbytes()  # peft imports it whenever installed; a full-precision base needs none of it
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             ref.location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, use_safetensors=True, revision=revision or None, **extra)
     except OSError as e:

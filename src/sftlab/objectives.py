@@ -83,6 +83,7 @@ def forward_hidden(model, batch: dict):
         kwargs["attention_mask"] = batch["attention_mask"]  # padded rows: positions follow from the mask
     else:
         kwargs["position_ids"] = batch["position_ids"]  # packed rows: restarting positions = per-example attention
+    kwargs.update(batch.get("vision") or {})  # a vision-language model's image tensors (data/multimodal.py)
     with head_removed(model) as head:
         hidden = model(**kwargs).logits  # (B, L [+ virtual tokens], H)
     L = batch["input_ids"].shape[1]
@@ -151,7 +152,9 @@ def eval_loss(model, batches, device) -> dict:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """Tensors of the batch (and of its sub-dicts: the image tensors under "vision") on `device`."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v)
+            for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- preferences

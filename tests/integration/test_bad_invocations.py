@@ -56,6 +56,12 @@ CASES = [
     ("train-dft-with-dpo", "train {d}/ok.yaml remedies=[dft] objective.name=dpo", "works with objective sft"),
     ("train-ema-without-probes", "train {d}/ok.yaml remedies=[ema] probes=[]", "scores checkpoints of its own"),
     ("train-wise-on-prompt-tuning", "train {d}/ok.yaml remedies=[wise] method=prompt", "virtual tokens"),
+    # vision-language models (docs/multimodal.md)
+    ("train-vision-part-misspelt", "train {d}/ok.yaml vision.train=[visual]", "'visual' is not allowed; use one of"),
+    ("train-vision-part-twice", "train {d}/ok.yaml vision.train=[vision,vision]", "'vision' is listed twice"),
+    ("train-vision-no-part", "train {d}/ok.yaml vision.train=[]", "name at least one part"),
+    ("train-vision-pixels-negative", "train {d}/ok.yaml vision.max_image_pixels=-1", "must be >= 0 (0: no limit)"),
+    ("train-vision-unknown-key", "train {d}/ok.yaml vision.max_pixels=1", "did you mean 'max_image_pixels'"),
     ("train-keep-misspelt", "train {d}/ok.yaml checkpoint.keep=frontiers", "did you mean 'frontier'"),
     ("train-keep-frontier-without-probes", "train {d}/ok.yaml checkpoint.keep=frontier probes=[]",
      "keep: frontier needs probes"),

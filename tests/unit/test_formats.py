@@ -216,7 +216,7 @@ BAD = [
      ["this row is text but earlier rows are prompt_completion", "keep one format per file"]),
     ("empty.jsonl", "\n\n", {}, "", ["no records", "add data"]),
     ("content.jsonl", '{"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "a"}]}',
-     {}, ":1", ["messages[0] content is a list", "expected a string"]),
+     {}, ":1", ["messages[0] content[0] is a string", "expected a part like"]),
     ("content_null.jsonl", '{"conversations": [{"from": "human", "value": null}]}', {}, ":1",
      ["conversations[0] content is null", "expected a string"]),
     ("no_content.jsonl", '{"messages": [{"role": "user"}]}', {}, ":1", ["has no 'content'", "add the message text"]),

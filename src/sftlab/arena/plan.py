@@ -220,6 +220,11 @@ def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial
     except BudgetError:
         pass  # each trial records the refusal
     budgets = [budget_count(str(b), shape) for b in arena.budgets]
+    parts = (base.get("vision") or {}).get("train") or ["language"]
+    # the solver counts a VLM's language model (what trains by default), not its projector or vision tower yet
+    unsized = (f"budget: vision.train {parts} trains more than the language model, and the budget solver counts "
+               "the language model only; leave vision.train at [language] in an arena"
+               if parts != ["language"] and getattr(shape, "scope", "") else "")
     labels = {n: str(b) for n, b in zip(budgets, arena.budgets)}
     packing = bool((base.get("data") or {}).get("packing", False))
     if packing and not all(resolve(m)[0].packing for m in arena.methods):
@@ -228,6 +233,8 @@ def plan_trials(arena: ArenaSection, base: dict, model_shape=None) -> list[Trial
     for method in arena.methods:
         for budget in ([None] if method == "full" else budgets):
             try:
+                if unsized:
+                    raise BudgetError(unsized)
                 sol = solve_budget(shape, method, budget or 1, arena.method_options.get(method), cap=True)
                 section, note = sol.section(), sol.warning if method != "full" else ""
             except BudgetError as e:

@@ -24,9 +24,12 @@ def shifted_targets(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE]
 
 
-def pad_batch(examples: list[Example], pad_id: int, length: int = 0) -> dict:
+def pad_batch(examples: list[Example], pad_id: int, length: int = 0, vision=None) -> dict:
     """Right-padded batch: input_ids, targets, attention_mask, position_ids, all (B, L); L is the longest
-    example, or `length` when that is longer (a fixed bucket length for compiled graphs)."""
+    example, or `length` when that is longer (a fixed bucket length for compiled graphs). `vision(rows of
+    ImageRefs, sources) -> {name: tensor}` (a vision-language model: multimodal.vision_batch) adds the batch's
+    image tensors under "vision" (pixel_values, image_grid_thw, pixel_attention_mask, ... as the processor makes
+    them), which the forward pass hands to the model."""
     L = max(length, max(len(e.input_ids) for e in examples))
     ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), L), IGNORE, dtype=torch.long)
@@ -37,8 +40,17 @@ def pad_batch(examples: list[Example], pad_id: int, length: int = 0) -> dict:
         tgt[i, :n] = torch.tensor(shifted_targets(e.labels))
         mask[i, :n] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "targets": tgt, "attention_mask": mask, "position_ids": pos,
-            "n_tokens": int(mask.sum())}
+    batch = {"input_ids": ids, "targets": tgt, "attention_mask": mask, "position_ids": pos,
+             "n_tokens": int(mask.sum())}
+    if vision is not None and any(e.images for e in examples):
+        batch["vision"] = vision([e.images or [] for e in examples], [e.source for e in examples])
+        for key in sorted({k for e in examples for k in (e.token_inputs or {})}):  # (B, L), 0 where absent
+            extra = torch.zeros((len(examples), L), dtype=torch.long)
+            for i, e in enumerate(examples):
+                if key in (e.token_inputs or {}):
+                    extra[i, :len(e.input_ids)] = torch.tensor(e.token_inputs[key])
+            batch["vision"][key] = extra
+    return batch
 
 
 def pack_rows(batch_rows: list[list[Example]], pad_id: int, length: int = 0) -> dict:
@@ -93,7 +105,7 @@ class BatchPlan:
     """
 
     def __init__(self, examples: list[Example], batch_size: int, packing: bool, max_length: int, seed: int,
-                 rank: int = 0, world: int = 1, pad_to_multiple: int = 0):
+                 rank: int = 0, world: int = 1, pad_to_multiple: int = 0, vision=None):
         self.examples = examples
         self.batch_size = batch_size
         self.packing = packing
@@ -101,6 +113,7 @@ class BatchPlan:
         self.seed = seed
         self.rank, self.world = rank, world
         self.pad_to_multiple = pad_to_multiple
+        self.vision = vision  # pad_batch's image tensors maker (vision-language models), else None
         self._cache: dict[int, list[list[list[int]]]] = {}
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
@@ -133,7 +146,7 @@ class BatchPlan:
         length = bucket_length(longest, self.pad_to_multiple, self.max_length)
         if self.packing:
             return pack_rows(rows, pad_id, length)
-        return pad_batch([row[0] for row in rows], pad_id, length)
+        return pad_batch([row[0] for row in rows], pad_id, length, self.vision)
 
 
 def bucket_length(length: int, multiple: int, cap: int) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import DataError
+from . import images as img
 
 if TYPE_CHECKING:
     from ..config import DataSource
@@ -48,8 +49,11 @@ class Record:
     source: str  # where it came from: "data/train.jsonl:17", "data/x.csv:row 4", "squad[train]:row 12"
     prompt: str | None = None  # prompt_completion only
     completion: str | None = None  # prompt_completion only
-    messages: list[dict] | None = None  # chat only: [{"role": ..., "content": str}, ...]
+    messages: list[dict] | None = None  # chat only: [{"role": ..., "content": str | [parts]}, ...]
     text: str | None = None  # text only
+    # images.ImageRef of each image, in order (chat: one per {"type": "image"} part of the content lists, the
+    # only non-string contents; prompt_completion: shown before the prompt); None: a text-only row
+    images: list | None = None
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -58,6 +62,8 @@ class Record:
 def read_source(src: DataSource) -> list[Record]:
     """All records of one source, in file order."""
     label, rows = _rows(src)
+    path = Path(src.path).expanduser()
+    base = path.parent if path.is_file() else Path.cwd()  # relative image paths start at the data file's folder
     records: list[Record] = []
     first = None  # auto: the first row's format is the file's format
     for place, row in rows:
@@ -74,7 +80,10 @@ def read_source(src: DataSource) -> list[Record]:
                                 "file (split the file into several data.train sources)")
         else:
             _require(row, fmt, place)
-        records.append(CONVERTERS[fmt](row, place))
+        rec = CONVERTERS[fmt](row, place)
+        if row.get("images") or (rec.messages and any(img.has_images(m["content"]) for m in rec.messages)):
+            rec = _with_images(rec, row.get("images"), base, place)
+        records.append(rec)
     if not records:
         raise DataError(f"{label}: no records; the source is empty (or only blank lines): add data or remove "
                         "it from data.train")
@@ -399,9 +408,11 @@ def _messages(value: Any, field: str, place: str) -> list[dict]:
         content = m["content"] if "content" in m else m.get("value", _MISSING)  # OpenAI/TRL, then ShareGPT
         if content is _MISSING:
             raise DataError(f"{place}: {at} has no 'content' (or ShareGPT 'value'); add the message text")
-        if not isinstance(content, str):
-            raise DataError(f"{place}: {at} content is {_describe(content)}; expected a string: put the "
-                            "message text in 'content'")
+        if isinstance(content, list):  # content parts (HF/TRL): text and images
+            content = img.parse_parts(content, at, place)
+        elif not isinstance(content, str):
+            raise DataError(f"{place}: {at} content is {_describe(content)}; expected a string or a list of "
+                            "parts: put the message text in 'content'")
         out.append({"role": _role(m, at, place), "content": content})
     return out
 
@@ -425,10 +436,20 @@ def _chat_record(messages: list[dict], field: str, place: str) -> Record:
         raise DataError(f"{place}: no assistant turn: nothing to train on (roles here: {roles}); add the "
                         "assistant's reply or remove the row")
     for i in turns:
-        if not messages[i]["content"].strip():
+        if not img.text_of(messages[i]["content"]).strip():
             raise DataError(f"{place}: assistant message {i} of '{field}' has empty content; fill it in or "
                             "remove the row")
     return Record("chat", place, messages=messages)
+
+
+def _with_images(rec: Record, column: Any, base: Path, place: str) -> Record:
+    if rec.kind == "chat":
+        rec.messages, rec.images = img.attach(rec.messages, column, base, place)
+    elif rec.kind == "prompt_completion":
+        rec.images = img.prompt_images(column, base, place)
+    else:
+        raise DataError(f"{place}: a {rec.kind} row cannot carry images; use messages or prompt/completion rows")
+    return rec
 
 
 def _alpaca(row: dict, place: str) -> Record:

@@ -14,6 +14,7 @@ next line, the final answer followed by EOS, the tokenizer's BOS in front; answe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..errors import DataError, ModelError
 from .formats import Record
@@ -26,6 +27,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where the loss does not apply
     source: str
+    images: list | None = None  # images.ImageRef of the row's images (vision-language models; multimodal.py)
+    # other per-token model inputs the processor made for a row with images ({name: ids}, 0 where absent)
+    token_inputs: dict | None = None
 
     @property
     def n_trained(self) -> int:
@@ -174,6 +178,9 @@ def _n_leading_specials(tokenizer, ids: list[int]) -> int:
 
 
 def tokenize_record(tokenizer, rec: Record, chat: bool, cfg) -> Example:
+    if rec.images:
+        raise DataError(f"{rec.source}: this row has images but the model is a text-only model; use a "
+                        "vision-language model (a folder whose config.json has a vision_config) or remove the images")
     if rec.kind == "text":
         ids, labels = tokenize_raw(tokenizer, rec, True)
     elif chat:
@@ -216,9 +223,14 @@ def fit_length(ex: Example, max_length: int) -> Example | None:
     return Example(ex.input_ids[excess:], ex.labels[excess:], ex.source)
 
 
-def tokenize_all(records: list[Record], tokenizer, cfg, progress: bool = False) -> tuple[list[Example], TokenizeStats]:
-    """Tokenize every record; over-long ones are left-truncated, then dropped (or an error) per cfg.overlong."""
-    chat = use_chat_template(tokenizer, cfg.template)
+def tokenize_all(records: list[Record], tokenizer, cfg, progress: bool = False,
+                 encode=None) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize every record; over-long ones are left-truncated, then dropped (or an error) per cfg.overlong.
+    `encode(record) -> Example` replaces the text path (a vision-language model's processor: multimodal.py); rows
+    with images are never truncated (a cut through an image's tokens breaks it), only dropped."""
+    if encode is None:
+        chat = use_chat_template(tokenizer, cfg.template)
+        encode = partial(tokenize_record, tokenizer, chat=chat, cfg=cfg)
     stats = TokenizeStats()
     out = []
     it = records
@@ -227,8 +239,13 @@ def tokenize_all(records: list[Record], tokenizer, cfg, progress: bool = False) 
 
         it = tqdm(records, desc="tokenizing", unit="ex")
     for rec in it:
-        ex = tokenize_record(tokenizer, rec, chat, cfg)
-        fitted = fit_length(ex, cfg.max_length)
+        ex = encode(rec)
+        fitted = fit_length(ex, cfg.max_length) if not ex.images else (
+            ex if len(ex.input_ids) <= cfg.max_length else None)
+        if fitted is None and ex.images and cfg.overlong == "error":
+            raise DataError(f"{rec.source}: {len(ex.input_ids)} tokens with its images, above data.max_length="
+                            f"{cfg.max_length}; rows with images are never truncated: raise data.max_length, use "
+                            "smaller images or set data.overlong=drop")
         if fitted is None:
             if cfg.overlong == "error":
                 raise DataError(f"{rec.source}: the answer alone is longer than data.max_length={cfg.max_length} "

@@ -20,6 +20,8 @@ from typing import Any, Callable
 from ..registry import METHODS as _METHODS
 from ..registry import Registry, RegistryError
 from .merge import ADDITIVE, Merge
+# a VLM's parts (language model, projector, vision tower); re-exported: methods and the budget walk read them here
+from .vlm_parts import language_scope, scope_exclude  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -140,29 +142,3 @@ def targets(value: list[str]) -> Any:
     if value == ["all-linear"]:
         return "all-linear"
     return list(value)
-
-
-def language_scope(model) -> str:
-    """The module path of a vision-language model's language model ('model.language_model'); '' for a text
-    model. Adapters train only the language model: the budget solver counts only it (model_walk.py)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "get_text_config") or config.get_text_config() is config:
-        return ""
-    text = config.get_text_config()
-    # The language model is the outermost module built from the text config (LLaVA, Qwen2-VL and Gemma-3 call
-    # it language_model, Idefics3 text_model); its layers share that config, hence the outermost.
-    names = [n for n, m in model.named_modules() if n and getattr(m, "config", None) is text]
-    names = names or [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("language_model", "text_model")]
-    return min(names, key=len) if names else ""
-
-
-def scope_exclude(model, extra: str | None = None) -> str | None:
-    """PEFT exclude_modules (a regex, matched with re.fullmatch against module names) that keeps a VLM's
-    adapters on its language model: its vision tower and projector have q_proj, fc1... too, and all-linear
-    names them all. `extra`: another regex of modules to exclude (IA3's layers). None: nothing to exclude."""
-    import re
-
-    scope = language_scope(model)
-    outside = rf"(?!{re.escape(scope)}\.).*" if scope else None
-    parts = [p for p in (outside, extra) if p]
-    return "|".join(f"(?:{p})" for p in parts) if parts else None

@@ -30,7 +30,7 @@ from ..objectives import OBJECTIVES, eval_loss
 from ..remedies import build_remedies
 from ..resources import peak_rss_mb
 from . import checkpoint as ckpt
-from . import dpo, sharding, speed
+from . import dpo, sharding, speed, vision
 from . import step as step_fn
 from .callbacks import build_callbacks, close_all, emit
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
@@ -170,6 +170,8 @@ class Trainer:
         self.start_id: str | None = None  # the starting point's identity (caches of its outputs are keyed by it)
         self.sharding = None  # sharding.Sharding
         self.tokenizer = None
+        self.processor = None  # a vision-language model's processor (train/vision.py), else None
+        self.vision_batch = None  # its batches' image tensors maker (collate's `vision`)
         self.data: Prepared | dpo.PreparedPairs | None = None
         self.token_plan = None  # tokens.TokenPlan when model.new_tokens is set
         self.model: torch.nn.Module | None = None
@@ -192,9 +194,12 @@ class Trainer:
         sharding.check_run(cfg, self.sharding, self.method)
         try:  # bad input (data, model, tokenizer): the run directory holds nothing but the error
             self._resolve_start()
-            self.tokenizer = load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision)
+            self.processor = vision.load(cfg, self.ref, self.method)  # None for a text model
+            self.tokenizer = (self.processor.tokenizer if self.processor is not None else
+                              load_tokenizer(self.ref, cfg.model.trust_remote_code, cfg.model.revision))
             tokens.add_tokens(self.tokenizer, cfg.model.new_tokens)  # before the data is tokenized
-            prepare = dpo.prepare_pairs if self.dpo else partial(prepare_data, progress=self.dist.main)
+            prepare = dpo.prepare_pairs if self.dpo else partial(prepare_data, progress=self.dist.main,
+                                                                  processor=self.processor)
             self.data = prepare(cfg, self.tokenizer)
             for _, r in self.remedies:  # replay mixes general text into the training examples
                 self.data = r.prepare(self, self.data)
@@ -225,7 +230,8 @@ class Trainer:
         if self.dpo and cfg.objective.reference == "cached":
             dpo.attach_reference(self, model)  # the reference is the starting model: score it before the method
         kw = tokens.method_kwargs(self.token_plan) if self.token_plan and self.method.peft else {}
-        model = self.method.apply(model, cfg.method.options, **kw)
+        model = vision.apply_method(self.method, model, cfg, self.processor, **kw)  # a VLM: on vision.train's parts
+        self.vision_batch = vision.batch_maker(self.processor, cfg)
         if self.token_plan is not None:
             tokens.freeze_rows(model, self.token_plan, cfg.model, self.method.peft)
         if not cfg.quantization.enabled:  # bitsandbytes placed a quantized base on the device when loading
@@ -245,7 +251,8 @@ class Trainer:
                 self.extra_terms.append(r.term)
         plan = dpo.PairPlan if self.dpo else BatchPlan  # pairs: the same plan, collated as chosen + rejected rows
         self.plan = plan(self.data.train, cfg.train.batch_size, cfg.data.packing, cfg.data.max_length,
-                         cfg.run.seed, self.dist.rank, self.dist.world, cfg.data.pad_to_multiple)
+                         cfg.run.seed, self.dist.rank, self.dist.world, cfg.data.pad_to_multiple,
+                         **({"vision": self.vision_batch} if self.vision_batch else {}))
         per_epoch = len(self.plan.epoch(0)) // cfg.train.grad_accum
         self.total_steps = cfg.train.steps or max(1, int(math.ceil(cfg.train.epochs * per_epoch)))
         self.optimizer = build_optimizer(model, cfg)
@@ -279,7 +286,7 @@ class Trainer:
             return dpo.eval_batches(self)
         ex = sorted(self.data.eval, key=lambda e: len(e.input_ids))  # similar lengths pad less
         bs, pad = self.cfg.train.batch_size, self.tokenizer.pad_token_id
-        return [pad_batch(ex[i:i + bs], pad) for i in range(0, len(ex), bs)]
+        return [pad_batch(ex[i:i + bs], pad, vision=self.vision_batch) for i in range(0, len(ex), bs)]
 
     def _write_start(self) -> None:
         found = ckpt.find_resume(self.run_dir) if self.resume else None
@@ -298,6 +305,8 @@ class Trainer:
             extra = {**self.provenance, **({"start": self.start.info(self.run_dir)} if self.start is not None else {})}
             if self.remedies:
                 extra["remedies"] = {name: r.provenance() for name, r in self.remedies}
+            if self.processor is not None:  # what trains in the VLM, per part
+                extra.update(vision.provenance(self.model, self.cfg, self.processor))
             write_provenance(self.run_dir, self.cfg, self.ref, self.data.stats_dict(), {**self.params, **extra})
         else:
             print(f"sftlab: resuming {self.run_dir} at step {self.pos['step']}")
