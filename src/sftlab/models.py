@@ -218,7 +218,15 @@ def load_processor(ref: ModelRef, trust_remote_code: bool = False, revision: str
         raise ModelError(f"model.path: the processor of {ref.location} ({type(proc).__name__}) has no image "
                          "processor or tokenizer; sftlab trains vision-language models whose processor has both")
     _setup_tokenizer(proc.tokenizer)
+    proc.tokenizer.sftlab_processor = proc  # what probes, export and chat read from the run's tokenizer
     return proc
+
+
+def processor_of(tokenizer):
+    """The vision-language processor a tokenizer belongs to (load_processor set it), or None: a text model. The
+    run's tokenizer travels through training, scoring, rewinding and export, so image-aware code finds the
+    processor there (its image processor and chat template) without a second argument everywhere."""
+    return getattr(tokenizer, "sftlab_processor", None)
 
 
 def _image_only(location: str, kw: dict):

@@ -70,16 +70,23 @@ class Run:
         return ref
 
     def tokenizer(self):
-        """The run's tokenizer: the base's, or with `model.new_tokens` the one saved in RUN/tokenizer."""
+        """The run's tokenizer: the base's, or with `model.new_tokens` the one saved in RUN/tokenizer. A
+        vision-language run's is its processor's tokenizer (models.processor_of finds the processor)."""
+        from .models import is_vision_language, load_processor
         from .tokens import TOKENIZER_DIR
 
         saved = self.dir / TOKENIZER_DIR
+        base = self.base_ref()
+        ref = base
         if self.cfg.model.new_tokens:
             if not (saved / "tokenizer_config.json").is_file():
                 raise SftlabError(f"{saved}: missing; this run added tokens and its tokenizer was saved there")
             ref = ModelRef(str(saved), str(saved), "", "local")
-            return load_tokenizer(ref, self.cfg.model.trust_remote_code)
-        return load_tokenizer(self.base_ref(), self.cfg.model.trust_remote_code)
+        if is_vision_language(base.location):
+            proc = load_processor(ref, self.cfg.model.trust_remote_code)
+            proc.sftlab_max_pixels = self.cfg.vision.max_image_pixels
+            return proc.tokenizer
+        return load_tokenizer(ref, self.cfg.model.trust_remote_code)
 
     def load_initial(self):
         """What training started from, before the method: load_start() with the run's new tokens (resized
@@ -275,8 +282,11 @@ def point_adapter_at_base(folder: Path, location: str) -> None:
 
 def finish_export(tmp: Path, run: Run, entry: dict, base: ModelRef, tokenizer, merged: bool, **extra) -> None:
     """What every export folder gets beside the weights: the tokenizer (with any added tokens) and chat
-    template, the base's generation config, and sftlab_export.json (run, step, `extra` such as alpha, sha256)."""
-    tokenizer.save_pretrained(str(tmp))
+    template, the base's generation config, and sftlab_export.json (run, step, `extra` such as alpha, sha256). A
+    vision-language run's folder gets its whole processor (AutoProcessor.from_pretrained reads it)."""
+    from .models import processor_of
+
+    (processor_of(tokenizer) or tokenizer).save_pretrained(str(tmp))
     if (Path(base.location) / "generation_config.json").is_file():
         shutil.copy(Path(base.location) / "generation_config.json", tmp / "generation_config.json")
     (tmp / "sftlab_export.json").write_text(json.dumps(

@@ -197,9 +197,13 @@ def freeze_rows(model, plan: TokenPlan, model_cfg, peft: bool) -> None:
 
 
 def save_tokenizer(run_dir: Path, tokenizer) -> Path:
-    """RUN/tokenizer: the tokenizer with its added tokens (reload: AutoTokenizer.from_pretrained)."""
+    """RUN/tokenizer: the tokenizer with its added tokens (reload: AutoTokenizer.from_pretrained); a
+    vision-language model's whole processor (its image processor and chat template beside the tokenizer: reload
+    with AutoProcessor.from_pretrained)."""
+    from .models import processor_of
+
     out = Path(run_dir) / TOKENIZER_DIR
-    tokenizer.save_pretrained(str(out))
+    (processor_of(tokenizer) or tokenizer).save_pretrained(str(out))
     return out
 
 

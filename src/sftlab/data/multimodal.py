@@ -90,7 +90,7 @@ def _occurrences(text: str, sub: str) -> list[tuple[int, int]]:
     return out
 
 
-def _ids(processor, text: str, images: list | None) -> tuple[list[int], dict[str, list[int]]]:
+def processor_ids(processor, text: str, images: list | None) -> tuple[list[int], dict[str, list[int]]]:
     """The processor's ids for one row, and the other per-token arrays it returns for the model (Qwen2-VL's
     mm_token_type_ids, which its multimodal rotary positions need)."""
     kw = {"images": [images]} if images else {}
@@ -132,13 +132,13 @@ def tokenize_multimodal(processor, rec: Record, cfg, max_pixels: int) -> Example
                         f"for {len(refs)} image(s); remove the literal token from the text")
     out_ids, out_labels, prev = [], [], 0
     for j, im in zip(at, pil):
-        expansion, _ = _ids(processor, processor.image_token, [im])  # this image's tokens, never trained
+        expansion, _ = processor_ids(processor, processor.image_token, [im])  # this image's tokens, never trained
         out_ids += ids[prev:j] + expansion
         out_labels += labels[prev:j] + [IGNORE] * len(expansion)
         prev = j + 1
     out_ids += ids[prev:]
     out_labels += labels[prev:]
-    full, extra = _ids(processor, text, pil)
+    full, extra = processor_ids(processor, text, pil)
     if out_ids != full:
         raise ModelError(f"{rec.source}: the processor ({type(processor).__name__}) expands image placeholders "
                          "differently inside the conversation than alone, so sftlab cannot place the labels; report "

@@ -58,24 +58,29 @@ class Choice(BaseProbe):
     cheap = True
 
     def score(self, model, tokenizer, ctx: ProbeContext):
-        from .likelihood import group_logprobs, memo_answer_examples, pad_id
-        from .texts import prompt_messages, read_rows
+        from pathlib import Path
+
+        from .likelihood import group_logprobs, memo_answer_examples, pad_id, vision_maker
+        from .texts import prompt_and_images, read_rows
 
         o = self.options
         rows = read_rows(o.path, "probes.choice.path")
         rows = [rows[i] for i in subset(len(rows), o.limit, ctx.seed)]
-        items = []  # (prompt messages, choices, answer, place)
+        items, images = [], []  # (prompt messages, choices, answer, place); each question's images
         for place, row in rows:
             choices, answer = parse_row(row, place)
-            items.append((prompt_messages(row, place), choices, answer, place))
+            msgs, refs = prompt_and_images(row, place, Path(o.path).expanduser().parent)
+            items.append((msgs, choices, answer, place))
+            images += [refs] * len(choices)
         flat = [(msgs, c, place) for msgs, choices, _, place in items for c in choices]
         examples = memo_answer_examples(self, tokenizer, [f[0] for f in flat], [f[1] for f in flat], o.template,
-                                        o.max_length, [f[2] for f in flat])
+                                        o.max_length, [f[2] for f in flat], images)
         groups, at = [], 0
         for _, choices, _, _ in items:  # a question's choices share its prompt
             groups.append(examples[at:at + len(choices)])
             at += len(choices)
-        res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model),
+                             vision=vision_maker(tokenizer))
         acc, acc_norm = [], []
         for (_, choices, answer, _), row in zip(items, res):
             ll = [r[0] for r in row]

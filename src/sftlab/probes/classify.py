@@ -73,15 +73,19 @@ class Classify(BaseProbe):
     cheap = True
 
     def rows(self, seed: int):
-        from .texts import prompt_messages, read_rows, reference
+        from pathlib import Path
+
+        from .texts import prompt_and_images, read_rows, reference
 
         o = self.options
         rows = read_rows(o.path, "probes.classify.path")
         rows = [rows[i] for i in subset(len(rows), o.limit, seed)]
-        prompts, gold, places = [], [], []
+        prompts, gold, places, images = [], [], [], []
         for place, row in rows:
             lab = reference(row, place, (o.label_field,))  # or the final assistant turn of `messages`
-            prompts.append(prompt_messages(row, place))
+            msgs, refs = prompt_and_images(row, place, Path(o.path).expanduser().parent)  # refs: its images
+            prompts.append(msgs)
+            images.append(refs)
             gold.append(lab)
             places.append(place)
         labels = list(o.labels) or sorted(set(gold))
@@ -89,25 +93,28 @@ class Classify(BaseProbe):
             if g not in labels:
                 raise DataError(f"{place}: label {g!r} is not in the label set ({', '.join(labels)}); add it to "
                                 "probes.classify.labels or fix the row")
-        return prompts, gold, places, labels
+        return prompts, gold, places, labels, images
 
-    def label_scores(self, model, tokenizer, ctx: ProbeContext, prompts, places, labels) -> list[list[float]]:
-        """Per row, per label: log-likelihood of the label's verbalizer as the answer."""
-        from .likelihood import group_logprobs, memo_answer_examples, pad_id
+    def label_scores(self, model, tokenizer, ctx: ProbeContext, prompts, places, labels,
+                     images=None) -> list[list[float]]:
+        """Per row, per label: log-likelihood of the label's verbalizer as the answer (`images`: each row's)."""
+        from .likelihood import group_logprobs, memo_answer_examples, pad_id, vision_maker
 
         o = self.options
         verbal = [o.verbalizers.get(lab, lab) for lab in labels]
         L = len(labels)
+        images = images or [[] for _ in prompts]
         examples = memo_answer_examples(self, tokenizer, [p for p in prompts for _ in range(L)],
                                         verbal * len(prompts), o.template, o.max_length,
-                                        [pl for pl in places for _ in range(L)])
+                                        [pl for pl in places for _ in range(L)], [r for r in images for _ in range(L)])
         groups = [examples[i * L:(i + 1) * L] for i in range(len(prompts))]  # a row's labels share its prompt
-        res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        res = group_logprobs(model, groups, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model),
+                             vision=vision_maker(tokenizer))
         return [[r[0] for r in row] for row in res]
 
     def score(self, model, tokenizer, ctx: ProbeContext):
-        prompts, gold, places, labels = self.rows(ctx.seed)
-        scores = self.label_scores(model, tokenizer, ctx, prompts, places, labels)
+        prompts, gold, places, labels, images = self.rows(ctx.seed)
+        scores = self.label_scores(model, tokenizer, ctx, prompts, places, labels, images)
         pred = [labels[max(range(len(labels)), key=lambda j: (s[j], -j))] for s in scores]
         correct = [float(g == p) for g, p in zip(gold, pred)]
         f1, per_class = macro_f1(gold, pred, labels)

@@ -40,15 +40,40 @@ class GenerateOptions:
         check(self.limit >= 0 and self.samples >= 0, "limit", "limit and samples must be >= 0")
 
 
+def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool, images=None, places=None):
+    """Token ids of each rendered prompt, and the per-token inputs a vision-language processor adds (Qwen2-VL's
+    mm_token_type_ids): a row with images gets its images' tokens from the processor, as in training."""
+    from ..models import processor_of
+
+    proc = processor_of(tokenizer)
+    if proc is None or not any(images or ()):
+        return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts], [{}] * len(prompts)
+    from ..config_vision import DEFAULT_MAX_PIXELS
+    from ..data.images import open_image
+    from ..data.multimodal import processor_ids
+
+    max_pixels = getattr(proc, "sftlab_max_pixels", DEFAULT_MAX_PIXELS)
+    ids, extra = [], []
+    for k, (p, refs) in enumerate(zip(prompts, images)):
+        place = places[k] if places else f"prompt {k}"
+        i, e = processor_ids(proc, p, [open_image(r, place, j, max_pixels) for j, r in enumerate(refs)])
+        ids.append(i)
+        extra.append(e)
+    return ids, extra
+
+
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device,
-                    add_special_tokens: bool = False, skip_special_tokens: bool = True) -> list[str]:
-    """Greedy continuations of `prompts` (decoded, special tokens dropped unless asked, stripped), in input order."""
+                    add_special_tokens: bool = False, skip_special_tokens: bool = True, images=None,
+                    places=None) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, special tokens dropped unless asked, stripped), in input order.
+    `images`: each prompt's images (data.images.ImageRef) on a vision-language run, batched as in training."""
     import torch
     from transformers import GenerationConfig
 
-    from .likelihood import length_batches, pad_id, scoring
+    from .likelihood import length_batches, pad_id, scoring, vision_maker
 
-    enc_all = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    enc_all, extra = encode_prompts(tokenizer, prompts, add_special_tokens, images, places)
+    vision = vision_maker(tokenizer) if any(images or ()) else None
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(getattr(model, "generation_config", None),
                                                           "eos_token_id", None)))
     eos.discard(None)
@@ -61,11 +86,20 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             L = max(len(enc_all[i]) for i in idx)
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), L), dtype=torch.long)
+            per_token = {k: torch.zeros((len(idx), L), dtype=torch.long) for i in idx for k in extra[i]}
             for r, i in enumerate(idx):  # left padding: every row's last prompt token is at position L-1
                 n = len(enc_all[i])
                 ids[r, L - n:] = torch.tensor(enc_all[i])
                 mask[r, L - n:] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+                for k, v in extra[i].items():
+                    per_token[k][r, L - n:] = torch.tensor(v)
+            kw = {}
+            if vision is not None:  # the batch's image tensors, as training makes them
+                kw = vision([images[i] for i in idx], [places[i] if places else f"prompt {i}" for i in idx])
+                kw = {**kw, **per_token} if kw else {}
+            kw = {k: v.to(device) for k, v in kw.items()}
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                                 **kw)
             for r, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[r, L:], skip_special_tokens=skip_special_tokens).strip()
     return out
@@ -77,14 +111,24 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def load_prompts(path: str, what: str, limit: int, seed: int, template: str, tokenizer, need_reference: bool):
-    """(rendered prompts, references or None, places) of a fixed subset of the file's rows."""
-    from .texts import prompt_messages, read_rows, reference, render_prompt
+def load_prompts(path: str, what: str, limit: int, seed: int, template: str, tokenizer, need_reference: bool,
+                 with_images: bool = False):
+    """(rendered prompts, references or None, places) of a fixed subset of the file's rows; with_images: and each
+    row's images (data.images.ImageRef; rows without images are refused otherwise, as a text model would)."""
+    from pathlib import Path
+
+    from .texts import prompt_and_images, prompt_messages, read_rows, reference, render_prompt
 
     rows = read_rows(path, what)
     rows = [rows[i] for i in subset(len(rows), limit, seed)]
-    prompts = [render_prompt(tokenizer, prompt_messages(row, place), template) for place, row in rows]
+    if with_images:
+        read = [prompt_and_images(row, place, Path(path).expanduser().parent) for place, row in rows]
+    else:
+        read = [(prompt_messages(row, place), []) for place, row in rows]
+    prompts = [render_prompt(tokenizer, msgs, template) for msgs, _ in read]
     refs = [reference(row, place) for place, row in rows] if need_reference else None
+    if with_images:
+        return prompts, refs, [place for place, _ in rows], [r for _, r in read]
     return prompts, refs, [place for place, _ in rows]
 
 
@@ -106,13 +150,18 @@ class Generate(BaseProbe):
         import numpy as np
 
         from ..data.tokenize import use_chat_template
+        from ..errors import DataError
+        from ..models import processor_of
 
         o = self.options
-        prompts, refs, places = load_prompts(o.path, "path", o.limit, ctx.seed, o.template,
-                                             tokenizer, need_reference=True)
-        raw = not use_chat_template(tokenizer, o.template)
+        prompts, refs, places, images = load_prompts(o.path, "path", o.limit, ctx.seed, o.template, tokenizer,
+                                                     need_reference=True, with_images=True)
+        if any(images) and processor_of(tokenizer) is None:
+            raise DataError(f"{places[[bool(i) for i in images].index(True)]}: this row has images but the model is "
+                            "a text-only model; score image rows on a vision-language model's run, or remove them")
+        raw = not use_chat_template(tokenizer, o.template) and processor_of(tokenizer) is None
         preds = greedy_generate(model, tokenizer, prompts, o.max_new_tokens, ctx.batch_size,
-                                ctx.resolve_device(model), add_special_tokens=raw)
+                                ctx.resolve_device(model), add_special_tokens=raw, images=images, places=places)
         m = generation_metrics(preds, refs, o.labels)
         means = {k: float(np.mean(m[k])) for k in ("exact_match", "normalised", "rouge_l")}
         if o.metric == "macro_f1":

@@ -46,17 +46,27 @@ class HeldoutLoss(BaseProbe):
         o = self.options
         records = read_source(DataSource(path=o.path))
         records = [records[i] for i in subset(len(records), o.limit, seed)]
+        from ..models import processor_of
+
         cfg = data_section(o.template, o.max_length, assistant_turns="all")  # every answer counts, as in training
-        examples, stats = tokenize_all(records, tokenizer, cfg)
+        proc = processor_of(tokenizer)  # a vision-language run: every row through its processor, as in training
+        encode = None
+        if proc is not None:
+            from ..config_vision import DEFAULT_MAX_PIXELS
+            from ..data.multimodal import encoder
+
+            encode = encoder(proc, cfg, getattr(proc, "sftlab_max_pixels", DEFAULT_MAX_PIXELS))
+        examples, stats = tokenize_all(records, tokenizer, cfg, encode=encode)
         if not examples:
             raise DataError(f"{o.path}: every example is longer than max_length={o.max_length}; raise it")
         return examples, stats
 
     def score(self, model, tokenizer, ctx: ProbeContext):
-        from .likelihood import example_logprobs, pad_id
+        from .likelihood import example_logprobs, pad_id, vision_maker
 
         examples, stats = self.examples(tokenizer, ctx.seed)
-        res = example_logprobs(model, examples, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model))
+        res = example_logprobs(model, examples, pad_id(tokenizer), ctx.batch_size, ctx.resolve_device(model),
+                               vision=vision_maker(tokenizer))
         nll = [-lp / n for lp, n, _ in res]  # per-example token-mean loss
         tokens = [n for _, n, _ in res]
         total = sum(tokens)

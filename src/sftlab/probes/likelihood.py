@@ -46,12 +46,13 @@ def length_batches(examples: list, batch_size: int, length=lambda e: len(e.input
 
 
 def example_logprobs(model, examples: list[Example], pad: int, batch_size: int, device,
-                     chunk: int = 1024) -> list[tuple[float, int, int]]:
-    """Per example: (sum of log p(target) over its trained positions, their count, argmax-correct count)."""
+                     chunk: int = 1024, vision=None) -> list[tuple[float, int, int]]:
+    """Per example: (sum of log p(target) over its trained positions, their count, argmax-correct count).
+    `vision`: a vision-language model's batch image tensors maker (vision_maker), as in training."""
     out: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(examples)
     with scoring(model):
         for idx in length_batches(examples, batch_size):
-            batch = to_device(pad_batch([examples[i] for i in idx], pad), device)
+            batch = to_device(pad_batch([examples[i] for i in idx], pad, vision=vision), device)
             hidden, head = forward_hidden(model, batch)  # (B, L, H)
             for i, r in zip(idx, _span_logprobs(hidden, batch["targets"], head, chunk)):
                 out[i] = r
@@ -59,7 +60,7 @@ def example_logprobs(model, examples: list[Example], pad: int, batch_size: int, 
 
 
 def group_logprobs(model, groups: list[list[Example]], pad: int, batch_size: int, device,
-                   chunk: int = 1024) -> list[list[tuple[float, int, int]]]:
+                   chunk: int = 1024, vision=None) -> list[list[tuple[float, int, int]]]:
     """example_logprobs for groups of examples that share a prompt (one row's labels or choices).
 
     Each row's prompt is run once and its key/value cache reused for every continuation, and the tokens
@@ -67,9 +68,16 @@ def group_logprobs(model, groups: list[list[Example]], pad: int, batch_size: int
     scoring 8 labels of a 100-token prompt costs about the prompt's own tokens, not eight prompts. Prefix
     and prompt tuning share too (their virtual tokens enter the cache in the first pass, the rest runs on
     the base model with positions after them). Results equal example_logprobs' (tested).
+
+    A vision-language model (`vision` set: its batches' image tensors maker) scores every sequence whole, images
+    and all, as training's forward pass does: the shared-cache path would have to carry pixel values and
+    multimodal positions (Qwen2-VL) into its block masks.
     """
     if not groups:
         return []
+    if vision is not None:
+        return _split(example_logprobs(model, [e for g in groups for e in g], pad, batch_size, device, chunk,
+                                       vision), groups)
     P = [_shared_prefix(g) for g in groups]
     C = _all_rows_prefix(groups, P)
     learned = _prompt_learning(model)
@@ -230,27 +238,58 @@ def data_section(template: str, max_length: int, assistant_turns: str = "last") 
                        train_on_prompt=False)
 
 
+def vision_maker(tokenizer):
+    """A vision-language run's batch image tensors maker (pad_batch's `vision`, as in training), None for a text
+    model: the processor travels with the run's tokenizer (models.processor_of)."""
+    from functools import partial
+
+    from ..config_vision import DEFAULT_MAX_PIXELS
+    from ..data.multimodal import vision_batch
+    from ..models import processor_of
+
+    proc = processor_of(tokenizer)
+    if proc is None:
+        return None
+    return partial(vision_batch, proc, max_pixels=getattr(proc, "sftlab_max_pixels", DEFAULT_MAX_PIXELS))
+
+
+def _image_key(images) -> list | None:
+    if not images:
+        return None
+    return [[f"{r.kind}:{r.value}" if r.kind in ("path", "base64") else f"{r.kind}:{id(r.value)}" for r in row]
+            for row in images]
+
+
 def memo_answer_examples(owner, tokenizer, prompts: list[list[dict]], answers: list[str], template: str,
-                         max_length: int, sources: list[str]) -> list[Example]:
+                         max_length: int, sources: list[str], images: list[list] | None = None) -> list[Example]:
     """answer_examples, remembered on `owner` (a probe) for the same tokenizer and inputs: a run scores the
     same rows at every checkpoint, and tokenizing them again is a tenth of a small probe's cost."""
-    key = (len(tokenizer), template, max_length, json.dumps([prompts, answers, sources]))
+    key = (len(tokenizer), template, max_length, json.dumps([prompts, answers, sources, _image_key(images)]))
     hit = owner.__dict__.get("_answer_examples")  # one entry: the rows of the latest call
     if hit is None or hit[0]() is not tokenizer or hit[1] != key:  # the same tokenizer object, same inputs
         hit = (weakref.ref(tokenizer), key, answer_examples(tokenizer, prompts, answers, template, max_length,
-                                                            sources))
+                                                            sources, images))
         owner.__dict__["_answer_examples"] = hit
     return hit[2]
 
 
 def answer_examples(tokenizer, prompts: list[list[dict]], answers: list[str], template: str, max_length: int,
-                    sources: list[str]) -> list[Example]:
+                    sources: list[str], images: list[list] | None = None) -> list[Example]:
     """Each prompt conversation followed by its answer as the assistant turn; labels on the answer.
 
     With a chat template the scored span is the answer plus the end-of-turn token (as in training),
     so an answer that is a prefix of another ("bio" / "biology") is not favoured for being short.
+    A vision-language run (the tokenizer's processor, models.processor_of) renders every row through the
+    processor as training does (data/multimodal.py), each with its `images` (ImageRefs; none for a text row).
     """
+    from ..models import processor_of
+
     cfg = data_section(template, max_length)
+    if processor_of(tokenizer) is not None:
+        return _vision_answer_examples(processor_of(tokenizer), prompts, answers, cfg, sources, images)
+    if any(images or ()):
+        raise DataError(f"{sources[[bool(i) for i in images].index(True)]}: this row has images but the model is a "
+                        "text-only model; score image rows on a vision-language model's run, or remove the images")
     chat = use_chat_template(tokenizer, template)
     out = []
     for msgs, ans, src in zip(prompts, answers, sources):
@@ -263,6 +302,24 @@ def answer_examples(tokenizer, prompts: list[list[dict]], answers: list[str], te
             raise DataError(f"{src}: the answer {ans[:40]!r} alone is longer than max_length={max_length}; "
                             "raise the probe's max_length")
         out.append(ex)
+    return out
+
+
+def _vision_answer_examples(proc, prompts, answers, cfg, sources, images) -> list[Example]:
+    from ..config_vision import DEFAULT_MAX_PIXELS
+    from ..data.multimodal import tokenize_multimodal
+
+    out = []
+    max_pixels = getattr(proc, "sftlab_max_pixels", DEFAULT_MAX_PIXELS)
+    for i, (msgs, ans, src) in enumerate(zip(prompts, answers, sources)):
+        refs = list(images[i]) if images else []
+        rec = Record("chat", src, messages=msgs + [{"role": "assistant", "content": ans}], images=refs or None)
+        ex = tokenize_multimodal(proc, rec, cfg, max_pixels)
+        fitted = fit_length(ex, cfg.max_length) if not refs else (ex if len(ex.input_ids) <= cfg.max_length else None)
+        if fitted is None:
+            raise DataError(f"{src}: {len(ex.input_ids)} tokens{' with its images' if refs else ''}, above the probe's "
+                            f"max_length={cfg.max_length} (rows with images are never truncated); raise max_length")
+        out.append(fitted)
     return out
 
 

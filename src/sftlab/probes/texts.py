@@ -49,6 +49,41 @@ def prompt_messages(row: dict, place: str) -> list[dict]:
                     f"[{', '.join(map(str, row))}])")
 
 
+def has_images(row: dict) -> bool:
+    """Whether a probe row carries images (an `images` column, or image parts in its messages)."""
+    from ..data.images import SOURCE_KEYS
+
+    def image_part(p) -> bool:
+        return isinstance(p, dict) and (p.get("type") in ("image", "image_url") or
+                                        ("type" not in p and any(k in p for k in SOURCE_KEYS)))
+
+    msgs = row.get("messages")
+    return bool(row.get("images")) or (isinstance(msgs, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) and any(map(image_part, m["content"]))
+        for m in msgs))
+
+
+def prompt_and_images(row: dict, place: str, base: Path) -> tuple[list[dict], list]:
+    """The conversation to answer and its images (data.images.ImageRef, in order): as prompt_messages for a text
+    row (no images); a row with images as training reads it (image parts in `messages`, an `images` column, or
+    `prompt` + `images` with the images before the prompt), paths relative to the probe file's folder `base`.
+    Image parts come back as bare {"type": "image"} parts, text as strings or text parts."""
+    from ..data import images as img
+    from ..data.formats import _messages
+
+    if not has_images(row):
+        return prompt_messages(row, place), []
+    if "messages" in row:
+        msgs = _messages(row["messages"], "messages", place)
+        if msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise DataError(f"{place}: 'messages' has nothing before the answer; add the user turn")
+    else:
+        msgs = prompt_messages(row, place)
+    return img.attach(msgs, row.get("images"), base, place)
+
+
 def reference(row: dict, place: str, fields: tuple[str, ...] = ("completion", "answer", "reference", "output",
                                                                  "label")) -> str:
     """The expected answer: a field of `fields`, or the final assistant turn of `messages`."""
@@ -68,7 +103,14 @@ def render_prompt(tokenizer, messages: list[dict], template: str = "auto") -> st
     """The text a model continues: the chat with a generation prompt, the plain format's cue (auto without a
     chat template, as in training), or the user turns joined (raw)."""
     from ..data.tokenize import render_plain, use_chat_template
+    from ..models import processor_of
 
+    proc = processor_of(tokenizer)
+    if proc is not None and template != "raw":  # a vision-language run: its processor's template, as in training
+        from ..data.multimodal import parts
+
+        return proc.apply_chat_template([{**m, "content": parts(m["content"])} for m in messages], tokenize=False,
+                                        add_generation_prompt=True)
     if use_chat_template(tokenizer, template):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if template == "auto":

@@ -33,7 +33,9 @@ def load(cfg, ref, method) -> object | None:
     if cfg.objective.name != "sft":
         raise ModelError(f"objective.name: {cfg.objective.name} on vision-language models is not supported yet; "
                          "use objective.name=sft")
-    return load_processor(ref, cfg.model.trust_remote_code, cfg.model.revision)
+    proc = load_processor(ref, cfg.model.trust_remote_code, cfg.model.revision)
+    proc.sftlab_max_pixels = cfg.vision.max_image_pixels  # the probes' image limit too (probes/likelihood.py)
+    return proc
 
 
 def apply_method(method, model, cfg, processor, **kw):

@@ -1,0 +1,81 @@
+"""The synthetic image task of docs/multimodal.md's worked example, generated offline with Pillow (seeded).
+
+Each 32x32 image holds one shape (circle, square or triangle) in one colour (red, green or blue) at a random
+place and size on a light background with a little noise; the question asks what it shows and the answer is
+"COLOUR SHAPE" (9 classes: chance is 1/9). Writes, under OUT (default examples/shapes):
+
+  train.jsonl     chats with an image part (HF/TRL convention), 1,200 rows
+  heldout.jsonl   prompt + images + label rows for the classify and generate probes: 90 images never trained on
+  img/*.png
+
+Usage: python examples/make_shapes.py [OUT] [--train N] [--heldout N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220)}
+SHAPES = ("circle", "square", "triangle")
+QUESTION = "What is in the picture? Answer with its colour and shape."
+SIZE = 32
+
+
+def draw(colour: str, shape: str, rng: random.Random):
+    from PIL import Image, ImageDraw
+
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
+    im = Image.new("RGB", (SIZE, SIZE), bg)
+    d = ImageDraw.Draw(im)
+    r = rng.randint(7, 12)  # half the shape's size
+    cx, cy = rng.randint(r + 1, SIZE - r - 2), rng.randint(r + 1, SIZE - r - 2)
+    fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[colour])
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    px = im.load()
+    for _ in range(40):  # a little pixel noise, so no two images are alike
+        x, y = rng.randrange(SIZE), rng.randrange(SIZE)
+        px[x, y] = tuple(max(0, min(255, v + rng.randint(-40, 40))) for v in px[x, y])
+    return im
+
+
+def write(out: Path, n_train: int, n_heldout: int, seed: int) -> None:
+    rng = random.Random(seed)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    classes = [(c, s) for c in COLOURS for s in SHAPES]
+    with open(out / "train.jsonl", "w") as tr, open(out / "heldout.jsonl", "w") as ho:
+        for i in range(n_train + n_heldout):
+            colour, shape = classes[i % len(classes)]  # balanced
+            name = f"img/{'train' if i < n_train else 'heldout'}-{i:04d}.png"
+            draw(colour, shape, rng).save(out / name)
+            answer = f"{colour} {shape}"
+            if i < n_train:
+                row = {"messages": [{"role": "user", "content": [{"type": "image", "image": name},
+                                                                 {"type": "text", "text": QUESTION}]},
+                                    {"role": "assistant", "content": answer}]}
+                tr.write(json.dumps(row) + "\n")
+            else:
+                ho.write(json.dumps({"prompt": QUESTION, "images": [name], "label": answer}) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default=str(Path(__file__).parent / "shapes"))
+    ap.add_argument("--train", type=int, default=1200)
+    ap.add_argument("--heldout", type=int, default=90)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    write(Path(a.out), a.train, a.heldout, a.seed)
+    print(f"wrote {a.train} training and {a.heldout} held-out images to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
