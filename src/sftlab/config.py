@@ -6,16 +6,16 @@ these docs. A config file is YAML; `key.path=value` arguments override it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from .configtools import ConfigError, apply_overrides, check, describe, doc, from_dict, to_dict
+from .config_objective import ObjectiveSection
 from .config_scale import DistributedSection, QuantizationSection
 from .config_vision import VisionSection
 from .registry import METHODS, PROBES, REMEDIES, RegistryError
@@ -179,32 +179,6 @@ class TrainSection:
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         check(self.log_every >= 1, "train.log_every", "must be >= 1")
         check(self.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
-
-
-@dataclass
-class ObjectiveSection:
-    """`objective: {name: dpo, loss: sigmoid, beta: 0.1}`: what the loop minimises."""
-
-    name: Literal["sft", "dpo"] = doc(
-        "sft: token cross-entropy on completions; dpo: direct preference optimisation on prompt/chosen/rejected "
-        "pairs (data.train and data.eval are then preference files)", default="sft")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = doc(
-        "dpo variant: sigmoid (DPO; with label_smoothing > 0 conservative DPO), ipo, hinge (SLiC), robust "
-        "(robust DPO, unbiased under label_smoothing = flip rate)", default="sigmoid")
-    beta: float = doc("dpo: strength of the pull towards the reference (IPO: its tau)", default=0.1)
-    label_smoothing: float = doc("dpo: assumed share of flipped preference labels (sigmoid, robust), in [0, 0.5)",
-                                 default=0.0)
-    reference: Literal["cached", "disable_adapter"] = doc(
-        "dpo reference model = the starting model. cached: its log-probs on the pairs are computed once and kept "
-        "in the cache root (no second model in memory; works after full fine-tuning); disable_adapter: computed "
-        "live each step with the new adapter switched off (PEFT methods only)", default="cached")
-
-    def __post_init__(self):
-        check(self.beta > 0, "objective.beta", f"must be > 0, got {self.beta}")
-        check(0.0 <= self.label_smoothing < 0.5, "objective.label_smoothing",
-              f"must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.label_smoothing == 0 or self.loss in ("sigmoid", "robust"), "objective.label_smoothing",
-              f"only the sigmoid and robust losses use it; set it to 0 for {self.loss!r}")
 
 
 @dataclass

@@ -44,7 +44,7 @@ LAYERS: list[list[str]] = [
     ["sftlab.fetch"],  # models fetched on demand (Gemma-3-270M); conversion is passed in by models/cli
     ["sftlab.quantize", "sftlab.objectives"],
     ["sftlab.data", "sftlab.trajectory"],
-    ["sftlab.config", "sftlab.config_scale", "sftlab.config_vision"],
+    ["sftlab.config", "sftlab.config_scale", "sftlab.config_vision", "sftlab.config_objective"],
     # the run directory's files and line formats (stdlib only): every reader and writer of a run goes through it
     ["sftlab.rundir_format"],
     ["sftlab.configtools", "sftlab.registry", "sftlab.errors", "sftlab.faults", "sftlab.resources",

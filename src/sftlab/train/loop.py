@@ -33,6 +33,8 @@ from . import checkpoint as ckpt
 from . import dpo, sharding, speed, vision
 from . import step as step_fn
 from .callbacks import build_callbacks, close_all, emit
+from .hooks import Hooks
+from .optim import build_optimizer, lr_lambda
 from .rundir import RunLock, check_fresh, check_resume_config, write_config, write_error, write_provenance
 
 
@@ -75,71 +77,10 @@ def trainable_report(model) -> dict:
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
 
 
-def build_optimizer(model, cfg):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # no decay on norms, biases, IA3 vectors, and on matrices with frozen rows (tokens.py: exact zeros)
-            (decay if p.ndim >= 2 and not getattr(p, "_sftlab_no_decay", False) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
-    return speed.adamw([g for g in groups if g["params"]], cfg.train.lr, cfg.train.betas,
-                       cfg.train.fused_optimizer, device)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
-
-
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()  # VmHWM: resettable, so an arena trial's figure is its own (see sftlab.resources)
-
-
-@dataclass
-class Hooks:
-    """For tests and tools that must act at exact points (not callbacks: a hook may mutate or raise, e.g. to
-    poison gradients or simulate a crash; callbacks only observe). Each is called with the trainer unless said.
-
-    after_setup: the model, data and optimizer are built, nothing has run.
-    after_backward: the step's gradients are accumulated and reduced, before the finite check and clipping.
-    before_optimizer_step: the gradients are final (reduced and clipped) and about to be applied (not called
-        for a skipped non-finite step).
-    after_step(trainer, step, metrics): after that step's logging and checkpoint.
-    before_rename(tmp_checkpoint_dir): a checkpoint's files are written, before its rename.
-    """
-
-    after_setup: object = None
-    after_backward: object = None
-    before_optimizer_step: object = None
-    after_step: object = None
-    before_rename: object = None
-
-    @classmethod
-    def of(cls, hooks) -> "Hooks":
-        """A Hooks from a Hooks, a {name: fn} dict (a misspelt name is an error, not a hook that never runs)
-        or None."""
-        if hooks is None or isinstance(hooks, cls):
-            return hooks or cls()
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(hooks) - set(known))
-        if unknown:
-            raise TypeError(f"unknown trainer hook(s) {unknown}; known: {known}")
-        return cls(**hooks)
-
-    def get(self, name: str):
-        return getattr(self, name)
 
 
 class Trainer:
