@@ -49,6 +49,9 @@ $(QSTAMP): $(STAMP)
 quality-example: setup $(QSTAMP)
 	$(BIN)/sftlab pipeline configs/pipeline_quality_smollm2.yaml
 	$(BIN)/sftlab compare runs/pipeline_quality_smollm2
+	# the last stage's last checkpoint too (its select: rule keeps its start; docs/writing-quality.md says why)
+	$(BIN)/sftlab eval runs/pipeline_quality_smollm2/dpo_b --generation --steps 30
+	$(BIN)/sftlab compare runs/pipeline_quality_smollm2/sft:0 runs/pipeline_quality_smollm2/dpo_b:30
 
 gemma: setup
 	$(BIN)/sftlab setup --model gemma3-270m
