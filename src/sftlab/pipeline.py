@@ -28,6 +28,11 @@ NAME's run directory, step, checkpoint and sha256). Adapters are never stacked: 
 merged (an adapter merged into the model it was trained on, recursively down to the base), applies its own
 method on top, and a DPO stage's reference is that merged starting model (runs.StartPoint, train/dpo.py).
 
+Generation probes (quality, generate) are not scored during training; once a stage has finished, the pipeline
+scores them at its selected checkpoint (and the first stage's at its starting model, the base), so that
+`sftlab compare PIPELINE` can show what each stage changed; `generation: frontier` adds each stage's last and
+frontier checkpoints, `generation: none` scores none.
+
 PIPELINE/pipeline.json records each finished stage with its config hash, last checkpoint, the start it was
 given and its own selected checkpoint: a rerun skips finished stages, resumes a started one with the trainer's
 --resume, and starts the rest.
@@ -50,6 +55,7 @@ from .faults import fault
 STATE = "pipeline.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FROM_FORMS = "NAME (its selected checkpoint), NAME@selected, NAME@last or NAME:STEP"
+GENERATION = ("selected", "frontier", "none")
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,11 @@ def read_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise ConfigError(f"{p}: expected 'stages: [{{name: sft, config: {{...}}}}, {{name: dpo, from: sft, "
                           "config: {...}}]'")
-    unknown = set(data) - {"stages", "output_dir"}
+    unknown = set(data) - {"stages", "output_dir", "generation"}
     if unknown:
-        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}; a pipeline has 'output_dir' and 'stages'")
+        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}; a pipeline has 'output_dir', 'generation' and "
+                          "'stages'")
+    generation_mode(data, p)
     folder = Path(data.get("output_dir") or Path("runs") / p.stem)
     stages = [_stage(i, s, p.parent) for i, s in enumerate(data["stages"])]
     _check_names(stages)
@@ -105,6 +113,30 @@ def read_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Path, li
                               "e.g. sft.train.steps=20")
         apply_overrides(by_name[stage].config, [rest])
     return folder, stages
+
+
+def generation_mode(data: dict, where) -> str:
+    """`generation:` where a finished stage's generation probes (quality, generate) are scored: `selected` (default:
+    its selected checkpoint, and the first stage's starting model, the base), `frontier` (also its last checkpoint
+    and its frontier, as `sftlab eval --generation`) or `none`."""
+    mode = data.get("generation", "selected")
+    if mode not in GENERATION:
+        raise ConfigError(f"{where}: generation: {mode!r}; write one of {', '.join(GENERATION)}")
+    return mode
+
+
+def generation_points(run_dir: Path, mode: str, selected: dict | None, first: bool) -> list[int]:
+    """The steps of a finished stage whose generation probes the pipeline scores (see generation_mode)."""
+    from .rewinding import generation_steps
+
+    if mode == "none":
+        return []
+    steps = {0} if first else set()
+    if selected and "step" in selected:
+        steps.add(int(selected["step"]))
+    if mode == "frontier":
+        steps |= set(generation_steps(run_dir)) - ({0} if not first else set())
+    return sorted(steps)
 
 
 def _stage(i: int, s, base: Path) -> Stage:
@@ -302,9 +334,11 @@ def _changed(folder: Path, stage: Stage, stages: dict[str, Stage], done: dict, r
 def run_pipeline(path: str | Path, overrides: list[str] = (), print_fn=print) -> Path:
     """Run every stage not finished yet, in order; returns the pipeline folder."""
     from .runs import Run
+    from .scoring import build_probes, evaluate_run
     from .train.loop import train
 
     folder, stages, configs = plan(path, overrides)  # every stage validates before anything runs
+    mode = generation_mode(read_yaml(Path(path), "pipeline"), path)
     by_name = {s.name: s for s in stages}
     folder.mkdir(parents=True, exist_ok=True)
     state = _read_state(folder)
@@ -335,6 +369,12 @@ def run_pipeline(path: str | Path, overrides: list[str] = (), print_fn=print) ->
             raise SftlabError(f"stage {stage.name}: finished without a checkpoint; set checkpoint.final=true")
         entry = {"config_hash": cfg.hash(), "run": stage.name, "step": last[-1]["step"], "sha256": last[-1]["sha256"]}
         entry.update({k: v for k, v in (("start", rec), ("selected", _own_selection(run_dir, cfg))) if v})
+        steps = generation_points(run_dir, mode, entry.get("selected"), i == 0) if build_probes(cfg, "generation") \
+            else []
+        if steps:  # before the stage is recorded: a kill here scores them again on the rerun
+            print_fn(f"sftlab: stage {stage.name}: generation probes at step(s) {', '.join(map(str, steps))}")
+            evaluate_run(str(run_dir), steps, "generation", progress=False)
+            entry["generation_steps"] = steps
         state[stage.name] = entry
         _write_state(folder, state)
     final, name = state.get(stages[-1].name, {}).get("selected") or {}, stages[-1].name

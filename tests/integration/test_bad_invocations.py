@@ -160,6 +160,14 @@ CASES = [
     ("pipeline-select-from-offline-scores",
      "pipeline {d}/from-sft.yaml sft.probes=[kl_to_base] sft.scoring.during_training=false",
      "sets scoring.during_training: false"),
+    ("pipeline-generation-unknown", "pipeline {d}/gen-all.yaml", "generation: 'all'; write one of selected"),
+    # compare: points and pipelines (docs/writing-quality.md)
+    ("compare-not-a-pipeline", "compare {d}/empty", "not a pipeline folder (no pipeline.json)"),
+    ("compare-not-a-run", "compare {d}/empty:0 {d}/run:2", "not a run directory"),
+    ("compare-bad-suffix", "compare {d}/run@best {d}/run:2", "after @ write selected or last"),
+    ("compare-bad-step", "compare {d}/run:x {d}/run:2", "STEP must be a checkpoint's step"),
+    ("compare-no-generation-scores", "compare {d}/run:0 {d}/run:2", "--generation --steps 0"),
+    ("compare-unknown-score", "compare {d}/run:0 {d}/run:2 --score qualty", "no 'qualty' score"),
     ("arena-missing-file", "arena {d}/missing.yaml", "arena config file not found"),
     ("arena-run-config-as-arena", "arena {d}/ok.yaml --plan", "arena config has no method section"),
     ("arena-invalid-yaml", "arena {d}/bad.yaml --plan", "not valid YAML"),
@@ -223,6 +231,9 @@ def folder(tmp_path_factory):
     (d / "pipeline.yaml").write_text(
         f"output_dir: {d / 'pipe'}\nstages:\n  - name: sft\n    config: {{run: {{name: a}}, train: {{lr: 1.0e-4}}, "
         f"model: {{path: {d / 'no-model'}}}}}\n", encoding="utf-8")
+    (d / "gen-all.yaml").write_text(
+        f"output_dir: {d / 'pipe'}\ngeneration: all\nstages:\n  - name: sft\n    config: {{model: {{path: "
+        f"{d / 'no-model'}}}}}\n", encoding="utf-8")
     for name, source in (("best", "sft@best"), ("x", "sft:x"), ("0", "sft:0"), ("dpo", "dpo"), ("list", "[sft]"),
                          ("selected", "sft@selected"), ("sft", "sft")):  # sft has no probes
         (d / f"from-{name}.yaml").write_text(

@@ -121,27 +121,32 @@ class Quality(BaseProbe):
         if self.scorer is not None:
             values["scorer"] = [apply_scorer(self.scorer, t, o.scorer) for t in outs]
         dims, per_answer = self.score_dimensions(outs, device, ctx) if self.dimensions else ({}, {})
-        values.update(per_answer)
+        values.update({k: [v for v in vs if v is not None] for k, vs in per_answer.items()})
         chosen = values[o.metric]
         means = {k: (sum(v) / len(v) if v else math.nan) for k, v in values.items()}
         samples = [{"source": places[i], "prompt": prompts[i][-300:], "output": outs[i]}
                    for i in range(min(o.samples, len(outs)))]
+        # every answer's values in prompt order (None: not scorable), so two checkpoints' answers to the same
+        # prompts can be compared pair by pair (sftlab compare)
+        aligned = {"flesch": flesch, "words": values["words"], **per_answer}
         extra = {"dimensions": dims} if dims else {}
+        extra["per_answer"] = {"sources": places, "values": aligned}
         return self.make_score(means[o.metric], len(chosen), bootstrap_ci(chosen, n_boot=ctx.n_boot, seed=ctx.seed),
                                metric=o.metric, **{f"{k}_mean": v for k, v in means.items()},
                                no_words=sum(f is None for f in flesch), samples=samples, **extra)
 
     def score_dimensions(self, answers: list[str], device, ctx: ProbeContext) -> tuple[dict, dict]:
-        """({name: {mean, ci_low, ci_high, n, scale, source, counts}}, {name: per-answer values}); secondary values
-        (grade level, tone) get summaries of their own, with `of` naming their dimension."""
+        """({name: {mean, ci_low, ci_high, n, scale, source, counts}}, {name: per-answer values, None where not
+        scorable}); secondary values (grade level, tone) get summaries of their own, with `of` naming their
+        dimension."""
         questions = question_texts(self.options.path, self.options.limit, ctx.seed)
         out: dict[str, dict] = {}
         per_answer: dict[str, list[float]] = {}
         for name, scorer in self.dimensions.items():
             spec = SCORERS.get(name)
             scored = scorer(answers, questions, device)
-            per_answer[name] = [float(v) for v in scored.values if v is not None]
-            out[name] = summarise(per_answer[name], ctx) | {"scale": spec.scale, "source": spec.source,
+            per_answer[name] = [None if v is None else float(v) for v in scored.values]
+            out[name] = summarise([v for v in per_answer[name] if v is not None], ctx) | {"scale": spec.scale, "source": spec.source,
                                                             "counts": dict(scored.counts)}
             for sub, vals in scored.extra.items():
                 out[sub] = summarise([float(v) for v in vals if v is not None], ctx) | {"of": name}
