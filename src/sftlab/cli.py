@@ -195,14 +195,8 @@ def cmd_budget(args) -> int:
     share = args.params.strip().endswith("%")  # '1%': a share of the base's parameters, known once it is read
     target = None if share else budget.parse_count(args.params)
     kw = {"layer_pattern": args.layer_pattern, "max_virtual_tokens": args.max_virtual_tokens}
-    config = budget.read_config(args.model)
-    shape = budget.model_shape(config)
-    if share:
-        target = budget.budget_count(args.params, config)
-    if args.all or args.method == "all":
-        print(budget.format_table(budget.solve_all(shape, target, **kw), target))
-        return 0
-    if not args.method:
+    every = args.all or args.method == "all"
+    if not every and not args.method:
         raise budget.BudgetError("budget: name a method with --method (or --all for every method)")
     pins = {}
     for item in args.pin:
@@ -210,6 +204,15 @@ def cmd_budget(args) -> int:
         if not sep:
             raise budget.BudgetError(f"budget: --pin {item!r}: write KEY=VALUE, e.g. --pin target_modules=[q_proj]")
         pins[key] = yaml.safe_load(value)
+    if not every:
+        budget.resolve_method(args.method, None)  # the arguments fail before the model is read (or converted)
+    config = budget.read_config(args.model)
+    shape = budget.model_shape(config)
+    if share:
+        target = budget.budget_count(args.params, config)
+    if every:
+        print(budget.format_table(budget.solve_all(shape, target, **kw), target))
+        return 0
     sol = budget.solve_budget(shape, args.method, target, pins, **kw)
     if sol.warning:
         print(f"warning: {sol.warning}", file=sys.stderr)

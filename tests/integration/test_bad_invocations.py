@@ -209,6 +209,9 @@ def folder(tmp_path_factory):
     """Inputs of every kind: a valid config whose model does not exist, broken files, a scored run with one
     checkpoint, an arena folder, a pipeline, a non-empty folder."""
     d = tmp_path_factory.mktemp("bad-invocations")
+    from sftlab.models import ensure_default_model
+
+    ensure_default_model()  # `make setup` converts it; here too, so no case prints the conversion's progress bars
     (d / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
     (d / "ok.yaml").write_text(
         f"run: {{name: x, output_dir: {d / 'runs'}}}\nmodel: {{path: {d / 'no-model'}}}\n"
