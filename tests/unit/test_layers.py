@@ -25,6 +25,8 @@ LAYERS: list[list[str]] = [
     ["sftlab.demo"],
     # a study composes arenas, interpolation and analysis into findings
     ["sftlab.study"],
+    # sftlab compare: paired changes between points of runs or a pipeline's stages (reads the pipeline's selection)
+    ["sftlab.compare"],
     # applications over runs: each reads run directories or drives training
     # export: the chosen point as adapter, merged folder or GGUF, with a model card that draws the report's plane
     ["sftlab.arena", "sftlab.report", "sftlab.pipeline", "sftlab.analysis", "sftlab.data.inspect", "sftlab.export"],
