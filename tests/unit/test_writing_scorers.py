@@ -51,7 +51,7 @@ def own_cache(tmp_path_factory, monkeypatch):
 
 
 def test_every_scorer_documents_scale_and_source():
-    assert set(DIMENSIONS) | {"judge"} == set(SCORERS.names())
+    assert set(DIMENSIONS) | {"judge", "variety"} == set(SCORERS.names())
     for name in SCORERS.names():
         spec = SCORERS.get(name)
         assert spec.scale and spec.source, name
@@ -176,6 +176,21 @@ def test_actionability_steps_beat_vague():
     parts = actionability_parts(STEPS)
     assert parts["steps"] == 3 and parts["imperatives"] >= 3 and parts["concrete"] >= 2
     assert imperative("Then, restart it.") and imperative("- Take a walk.") and not imperative("The router failed.")
+
+
+def test_variety_catches_the_loops_that_game_readability():
+    loop = "Save money. Save money. Save money. Save money. Save money. Save money."
+    bullets = "Here is how:\n*\n*\n*\n*\n*"
+    normal = ("Write down what you spend for a week. Then cancel one subscription you rarely use, and move the "
+              "money you save into a separate account on payday.")
+    steps = "1. Unplug the router.\n2. Wait 30 seconds.\n3. Plug it back in and check the lights."
+    v_loop, v_bullets, v_normal, v_steps = values("variety", loop, bullets, normal, steps)
+    assert v_normal == 1.0 and v_steps > 0.9  # parallel steps repeat little
+    assert v_loop < 0.3 and v_bullets < 0.2
+    from sftlab.probes.writing.variety import variety_parts
+
+    assert variety_parts("Hi.") == {"distinct_3": 1.0, "repeated_lines": 0.0, "variety": 1.0}
+    assert variety_parts(bullets)["repeated_lines"] == 5 / 6
 
 
 def test_connection_addresses_and_asks_back():

@@ -1,4 +1,5 @@
-"""Writing-quality scorers for generated answers: readability, empathy, safety, actionability, connection, judge.
+"""Writing-quality scorers for generated answers: readability, empathy, safety, actionability, connection, judge,
+and variety (a guard against repetition, which games the others).
 
 Each scorer is registered by name with its scale, its source and the libraries it needs (`SCORERS`); the
 `quality` probe runs the ones its `dimensions` option lists on every generation it scores and reports each as a
@@ -7,7 +8,7 @@ module and docs/writing-quality.md. Importing this package registers them all an
 the scorers' libraries (textstat, vaderSentiment), which load on first use.
 """
 
-from . import empathy, judge, readability, rules, safety  # noqa: F401  (importing registers the scorers)
+from . import empathy, judge, readability, rules, safety, variety  # noqa: F401  (importing registers the scorers)
 from .base import (DIMENSIONS, SCORERS, Scored, ScorerSettings, ScorerSpec, build_scorer, missing_modules,
                    register_scorer)
 
