@@ -4,9 +4,9 @@ and `variety` (greedy answers to the 32 test questions), after `make quality-exa
     OMP_NUM_THREADS=1 python examples/quality_variety.py      # ~1 min a point on one core; writes quality_variety.json
 """
 import json
-import random
 from pathlib import Path
 
+from sftlab.compare import paired_change
 from sftlab.probes import build_probe
 from sftlab.probes.base import ProbeContext
 from sftlab.runs import Run
@@ -26,17 +26,9 @@ for name, run, step in points:
     out[name]["per_answer_variety"] = s.extra["per_answer"]["values"]["variety"]
     print(name, {k: v for k, v in out[name].items() if k != "per_answer_variety"}, flush=True)
 
-
-def paired(a, c, n=2000, seed=0):
-    """Mean per-prompt change c - a and its 95% bootstrap interval."""
-    diffs = [y - x for x, y in zip(a, c) if x is not None and y is not None]
-    rng = random.Random(seed)
-    boots = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(n))
-    return sum(diffs) / len(diffs), boots[int(0.025 * n)], boots[int(0.975 * n) - 1]
-
-
 base = out["base"]["per_answer_variety"]
 for name in ("dpo_a:24", "dpo_b:30"):
-    print(name, "variety change vs base %.3f [%.3f, %.3f]" % paired(base, out[name]["per_answer_variety"]))
+    c = paired_change(base, out[name]["per_answer_variety"])  # as sftlab compare computes it
+    print(name, "variety change vs base %.3f [%.3f, %.3f]" % (c["change"], c["ci_low"], c["ci_high"]))
 (root / "runs").mkdir(exist_ok=True)
 json.dump(out, open(root / "runs" / "quality_variety.json", "w"))

@@ -45,6 +45,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vlm_dirs(tmp_path_factory) -> dict:
+    """A tiny random VLM of each family (tests/vlm_tiny.py), built once for every test that reads them."""
+    from vlm_tiny import FAMILIES, build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {f: build_tiny_vlm(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
 

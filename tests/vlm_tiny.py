@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 FAMILIES = ("llava", "idefics3", "qwen2_vl")
+# solid colours the tests draw (a colour-naming task)
+COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "black": (0, 0, 0)}
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "smollm2-tokenizer"
 
 LLAVA_TEMPLATE = (

@@ -14,18 +14,11 @@ import torch
 
 from conftest import tiny_config, write_jsonl
 from sftlab.train.loop import train
-from vlm_tiny import FAMILIES, build_tiny_vlm
+from vlm_tiny import COLOURS, FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*")
 
-COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 200, 20), "black": (0, 0, 0)}
 OPEN, CLOSE = "<|Colour|>", "<|/Colour|>"
-
-
-@pytest.fixture(scope="module")
-def vlm_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlms")
-    return {f: build_tiny_vlm(f, root / f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")

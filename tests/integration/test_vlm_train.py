@@ -14,17 +14,11 @@ import torch
 
 from conftest import tiny_config, write_jsonl
 from sftlab.train.loop import train
-from vlm_tiny import FAMILIES, build_tiny_vlm, write_image
+from vlm_tiny import FAMILIES, write_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*")
 
 ANSWERS = ["red", "blue", "green", "black"]
-
-
-@pytest.fixture(scope="module")
-def vlm_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlms")
-    return {f: build_tiny_vlm(f, root / f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
